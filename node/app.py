@@ -1,0 +1,113 @@
+"""`swarm-node join` end to end: load identity and model, resume, run under trio, turn user mistakes into one sentence."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from node.config import ConfigError, NodeConfig, data_dir
+from node.live import LiveView
+
+log = logging.getLogger("swarm_node")
+
+
+def setup_logging(cfg: NodeConfig, peer_hint: str = "node") -> Path:
+    path = Path(cfg.log_file) if cfg.log_file else data_dir() / "logs" / f"{peer_hint}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(fmt)
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    err.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root = logging.getLogger("swarm_node")
+    root.handlers[:] = [file_handler, err]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    for name in ("swarm", "protocol"):  # the layers below log under their own names
+        lg = logging.getLogger(name)
+        lg.handlers[:] = [file_handler, err]
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+    return path
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one-sentence message for a mistake the user can fix, or None for a bug (which keeps its traceback)."""
+    from node.checkpoint import CheckpointError
+    from node.policy import ModelUnavailable
+    from node.status import StatusPortError
+    from protocol.identity import IdentityError
+    from verifiers.tasks import TaskError
+
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            msg = user_error(sub)
+            if msg:
+                return msg
+        return None
+    if isinstance(exc, (ConfigError, ModelUnavailable, IdentityError, CheckpointError, StatusPortError, TaskError)):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in (98, 48):  # EADDRINUSE (Linux, macOS)
+        return f"the listen address is already in use ({exc}); pick another --listen port"
+    if isinstance(exc, ValueError) and "device" in str(exc):
+        return str(exc)
+    return None
+
+
+def run_join(cfg: NodeConfig) -> int:
+    from protocol.identity import load_or_create_identity
+
+    view = LiveView()
+    try:
+        ident_path = Path(cfg.identity) if cfg.identity else data_dir() / "identity.key"
+        identity, created = load_or_create_identity(ident_path)
+        log_path = setup_logging(cfg, peer_hint=f"node-{identity.peer_id[-8:]}")
+        view.message(f"{'new identity' if created else 'identity'} {identity.peer_id} ({ident_path})")
+
+        from node.learner import set_torch_threads
+        from node.policy import load_policy
+        from node.run import NodeRuntime
+
+        set_torch_threads(cfg.threads)
+        t0 = time.monotonic()
+        policy = load_policy(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        view.message(f"model {cfg.model} on {policy.device} ({policy.dtype}), loaded in {time.monotonic() - t0:.1f}s; log: {log_path}")
+
+        def on_round(m: dict) -> None:
+            rejected = sum(node.status()["rejections"].values()) if node.mesh is not None else 0
+            view.update(m, rejected=rejected, target=cfg.rounds)
+
+        node = NodeRuntime(cfg, identity, policy, on_round=on_round)
+        if cfg.resume:
+            resumed = node.resume()
+            view.message(f"resumed after round {resumed}" if resumed is not None else "no checkpoint to resume: starting fresh")
+        elif any(node.checkpoint_dir.glob("round-*")):
+            raise ConfigError(
+                f"{node.checkpoint_dir} already holds checkpoints; pass --resume to continue them, "
+                "or choose another --checkpoint-dir"
+            )
+
+        def on_ready(n: NodeRuntime) -> None:
+            if n.mesh is not None:
+                for addr in n.mesh.listen_addrs():
+                    view.message(f"listening {addr}")
+                if not cfg.bootstrap:
+                    view.message("no --bootstrap given: waiting for peers to dial in, training alone meanwhile")
+            if cfg.status_port:
+                view.message(f"status on http://127.0.0.1:{cfg.status_port}/status")
+
+        trio.run(lambda: node.run(on_ready=on_ready))
+        view.message(f"stopped after round {node.round}; checkpoint: {node.checkpoint_dir} (round {node.last_saved})")
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as e:  # noqa: BLE001 - sorted into user mistakes and bugs right here
+        msg = user_error(e)
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
+        return 2

@@ -1,0 +1,193 @@
+"""The `swarm-node` command: join a swarm, simulate one locally, read a node's status, manage identities.
+
+Every setting of `join` is also an env var SWARM_NODE_<NAME> and a key of a --config file (TOML or YAML); a flag
+wins over the env var, which wins over the file. A user's mistake ends in one sentence and a non-zero exit, never a
+traceback.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from node.config import FIELDS, ConfigError, NodeConfig, data_dir, read_config_file
+
+HELP = {
+    "model": "tiny (embedded, default), an alias (qwen-0.5b, qwen-1.5b, qwen3-0.6b, ...), a hub id, or a local directory.",
+    "device": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.",
+    "dtype": "auto (bf16 on capable GPUs, fp32 otherwise), float32, bfloat16 or float16.",
+    "tasks": "Task families and weights, e.g. 'arith' or 'basic_arithmetic:2,base_conversion:1'.",
+    "seed": "Seed for task sampling, generation and training.",
+    "threads": "Torch CPU threads (0 = all cores).",
+    "local": "I: own rollout groups trained on per round.",
+    "external": "J: peers' rollout groups trained on per round (own groups fill in when peers have too few).",
+    "questions_per_round": "Questions sampled (and shared) per round; one group of completions each.",
+    "group_size": "Completions per question (the GRPO group).",
+    "max_external_per_peer": "At most this many of one peer's groups per round.",
+    "max_staleness_s": "Peers' groups older than this many seconds are dropped.",
+    "share": "What to publish: all groups, only those with mixed rewards (nonzero), or none.",
+    "temperature": "Sampling temperature (also used for training log-probs).",
+    "top_p": "Nucleus sampling.",
+    "max_new_tokens": "Completion length budget (0 = per-model default).",
+    "gen_micro_batch": "Most sequences generated at once (bounds memory).",
+    "learning_rate": "AdamW learning rate (0 = per-model default).",
+    "epsilon": "Lower clip range.",
+    "epsilon_high": "Upper clip range.",
+    "delta": "Two-sided ratio cap (off unless set).",
+    "beta": "KL coefficient against a frozen reference (0 = no reference model).",
+    "loss_type": "grpo, dapo, dr_grpo or bnpo (as in TRL).",
+    "scale_rewards": "Advantage scaling: group, batch or none.",
+    "num_iterations": "Optimizer steps per round on the same rollouts.",
+    "micro_batch_size": "Sequences per forward/backward (gradient accumulation).",
+    "max_grad_norm": "Gradient clipping norm.",
+    "weight_decay": "AdamW weight decay.",
+    "mask_truncated_completions": "Exclude truncated completions from the loss.",
+    "offpolicy_mask": "Mask peers' negative-advantage completions that are far off the local policy.",
+    "offpolicy_threshold": "Nats above the policy's entropy beyond which the off-policy mask applies.",
+    "reward_mode": "binary (default) or partial verifier credit.",
+    "format_reward": "Bonus for a well-formed <answer> block.",
+    "rounds": "Stop after this round count (0 = run until stopped; counts resumed rounds).",
+    "checkpoint_dir": "Checkpoint directory (default: <data dir>/checkpoints/<swarm>).",
+    "checkpoint_every": "Rounds between checkpoints (also one at every clean stop).",
+    "keep_checkpoints": "Checkpoints kept.",
+    "resume": "Continue from the newest complete checkpoint.",
+    "metrics": "Append one JSON line per round to this file.",
+    "eval_every": "Rounds between held-out greedy evaluations (0 = never).",
+    "eval_size": "Held-out questions per evaluation.",
+    "log_file": "Log file (default: <data dir>/logs/node.log).",
+    "swarm": "Swarm name: only nodes with the same name exchange rollouts.",
+    "bootstrap": "Multiaddr of a node to join through (repeatable).",
+    "listen": "Multiaddr to listen on (default: all interfaces, a free TCP port).",
+    "identity": "Identity key file (default: <data dir>/identity.key; created if missing).",
+    "status_port": "Serve JSON status on 127.0.0.1:PORT (0 = off).",
+    "offline": "Do not join any mesh: plain single-node RL.",
+}
+FLAGS = {"resume", "offline"}  # presence flags
+TOGGLES = {"mask_truncated_completions", "offpolicy_mask"}  # --x/--no-x
+
+
+def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value:
+        try:
+            ctx.default_map = {**(ctx.default_map or {}), **read_config_file(value)}
+        except ConfigError as e:
+            raise click.BadParameter(str(e)) from None
+    return value
+
+
+def node_options(f):
+    """Adds one option per NodeConfig field, each with its SWARM_NODE_<NAME> env var."""
+    for name in reversed(list(FIELDS)):
+        field = FIELDS[name]
+        flag = "--" + name.replace("_", "-")
+        env = "SWARM_NODE_" + name.upper()
+        if name in FLAGS:
+            opt = click.option(flag, is_flag=True, default=False, envvar=env, help=HELP[name])
+        elif name in TOGGLES:
+            opt = click.option(f"{flag}/--no-{flag[2:]}", default=field.default, envvar=env, show_default=True, help=HELP[name])
+        elif name == "bootstrap":
+            opt = click.option(flag, multiple=True, envvar=env, help=HELP[name] + f" Env: {env} (space-separated).")
+        else:
+            kind = {int: int, float: float, str: str}.get(type(field.default), float)
+            opt = click.option(flag, type=kind, default=field.default, envvar=env, show_default=True, help=HELP[name])
+        f = opt(f)
+    return click.option(
+        "--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False, callback=_load_config_file,
+        envvar="SWARM_NODE_CONFIG", help="TOML or YAML file of settings (flags and env vars win).",
+    )(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="swarm-node")
+def main() -> None:
+    """swarm-node: decentralized RL post-training. Each node trains its own policy with GRPO and shares its rollouts
+    with the swarm over a signed libp2p mesh; it rescores everything it learns from with its own verifier."""
+
+
+@main.command()
+@node_options
+@click.option("--print-config", is_flag=True, help="Print the resolved settings as JSON and exit.")
+def join(print_config: bool, **kwargs: Any) -> None:
+    """Run a node: train, share rollouts, learn from peers'. Runs alone when no peer answers."""
+    cfg = _build_config(kwargs)
+    if print_config:
+        import json
+
+        click.echo(json.dumps(cfg.to_json(), indent=2))
+        return
+    from node.app import run_join
+
+    sys.exit(run_join(cfg))
+
+
+@main.command()
+@click.option("--nodes", type=click.IntRange(1, 64), default=4, show_default=True, help="Node processes to start.")
+@click.option("--rounds", type=click.IntRange(1), default=40, show_default=True, help="Rounds each node runs.")
+@click.option("--model", default="tiny", show_default=True, help="Model for every node.")
+@click.option("--local", "local_", type=click.IntRange(0), default=4, show_default=True, help="I: own groups per round.")
+@click.option("--external", type=click.IntRange(0), default=4, show_default=True, help="J: peers' groups per round.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/simulate", show_default=True, help="Output directory.")
+@click.option("--swarm", default="", help="Swarm name (default: a fresh one per run).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Base seed; node i uses seed + i.")
+@click.option("--base-port", type=click.IntRange(0, 65000), default=0, help="First TCP port (0 = pick free ports).")
+@click.option("--eval-every", type=click.IntRange(0), default=0, help="Held-out evaluation interval per node.")
+@click.option("--extra", multiple=True, help="Extra flag passed to every node, e.g. --extra=--learning-rate=1e-4.")
+def simulate(**kwargs: Any) -> None:
+    """Start a local swarm of real node processes on loopback, show them live, write summary.json and rewards.png."""
+    from node.simulate import run_simulation
+
+    sys.exit(run_simulation(**kwargs))
+
+
+@main.command()
+@click.argument("ports", nargs=-1, type=click.IntRange(1, 65535))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+def status(ports: tuple[int, ...], as_json: bool) -> None:
+    """Show the status of running nodes (their --status-port; default 8480)."""
+    import json
+
+    from node.status import fetch_status, format_status
+
+    failed = 0
+    for port in ports or (8480,):
+        try:
+            s = fetch_status(port)
+        except ConnectionError as e:
+            click.echo(f"error: {e}", err=True)
+            failed += 1
+            continue
+        click.echo(json.dumps(s, indent=2) if as_json else format_status(s))
+        click.echo()
+    sys.exit(1 if failed else 0)
+
+
+@main.command()
+@click.option("--identity", "path", type=click.Path(dir_okay=False), default=None, help="Identity file.")
+@click.option("--create", is_flag=True, help="Create the file if it does not exist.")
+def identity(path: str | None, create: bool) -> None:
+    """Show (or --create) a node identity: its peer ID and public key."""
+    from protocol.identity import IdentityError, load_identity, load_or_create_identity
+
+    p = Path(path) if path else data_dir() / "identity.key"
+    try:
+        ident, created = load_or_create_identity(p) if create else (load_identity(p), False)
+    except IdentityError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{'created' if created else 'identity'} {p}")
+    click.echo(f"peer id     {ident.peer_id}")
+    click.echo(f"public key  {ident.public_key.hex()}")
+
+
+def _build_config(kwargs: dict[str, Any]) -> NodeConfig:
+    kwargs["bootstrap"] = tuple(a for item in kwargs.get("bootstrap") or () for a in str(item).split())
+    try:
+        return NodeConfig(**kwargs)
+    except (ConfigError, TypeError) as e:
+        raise click.UsageError(str(e)) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""A node's settings: one frozen record, built from flags, env vars (SWARM_NODE_<NAME>) and a config file.
+
+The CLI owns precedence (flags > env > config file > defaults); this module owns the defaults, validation and the
+config-file reader, so scripts and tests can build a NodeConfig without click.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message is one clear sentence."""
+
+
+def data_dir() -> Path:
+    """Where a node keeps its identity, checkpoints and logs unless told otherwise."""
+    if os.environ.get("SWARM_NODE_HOME"):
+        return Path(os.environ["SWARM_NODE_HOME"])
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "swarm-node"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    # what to train
+    model: str = "tiny"
+    device: str = "auto"
+    dtype: str = "auto"
+    tasks: str = "arith"  # "family[:weight],..." (verifiers.parse_task_weights)
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
+    # the SAPO mix
+    local: int = 4  # I: own groups trained on per round
+    external: int = 4  # J: peers' groups trained on per round (falls back to local when the pool is short)
+    questions_per_round: int = 8  # groups generated (and shared) per round
+    group_size: int = 8
+    max_external_per_peer: int = 2  # per round: one peer cannot dominate a round's batch
+    max_staleness_s: float = 900.0  # peers' groups older than this are dropped
+    share: str = "all"  # "all" | "nonzero" (only groups with mixed rewards) | "none"
+    # generation
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 0  # 0 = per-model default (tiny: 8, real models: 512)
+    gen_micro_batch: int = 64
+    # GRPO (names follow TRL)
+    learning_rate: float = 0.0  # 0 = per-model default
+    epsilon: float = 0.2
+    epsilon_high: float = 0.28
+    delta: float | None = None
+    beta: float = 0.0
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    num_iterations: int = 1
+    micro_batch_size: int = 64
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    mask_truncated_completions: bool = False
+    offpolicy_mask: bool = True
+    offpolicy_threshold: float = 1.0
+    reward_mode: str = "binary"
+    format_reward: float = 0.0
+    # the run
+    rounds: int = 0  # 0 = until stopped
+    checkpoint_dir: str = ""  # "" = <data dir>/checkpoints/<swarm>
+    checkpoint_every: int = 5
+    keep_checkpoints: int = 3
+    resume: bool = False
+    metrics: str = ""  # JSONL path, one line per round
+    eval_every: int = 0  # rounds between held-out greedy evaluations (0 = never)
+    eval_size: int = 100
+    log_file: str = ""  # "" = <data dir>/logs/node-<peer>.log
+    # the swarm
+    swarm: str = "default"
+    bootstrap: tuple[str, ...] = ()
+    listen: str = "/ip4/0.0.0.0/tcp/0"
+    identity: str = ""  # "" = <data dir>/identity.key
+    status_port: int = 0  # 0 = no status server
+    offline: bool = False  # no mesh at all: plain single-node RL
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.local >= 0 and self.external >= 0 and self.local + self.external > 0, "--local + --external must be > 0"),
+            (self.questions_per_round >= 1, "--questions-per-round must be >= 1"),
+            (self.group_size >= 2, "--group-size must be >= 2 (GRPO compares completions within a group)"),
+            (self.temperature > 0, "--temperature must be > 0"),
+            (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
+            (self.max_new_tokens >= 0, "--max-new-tokens must be >= 0"),
+            (self.rounds >= 0, "--rounds must be >= 0 (0 runs until stopped)"),
+            (self.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
+            (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
+            (0 <= self.status_port <= 65535, "--status-port must be a TCP port (0-65535)"),
+            (self.share in ("all", "nonzero", "none"), "--share must be all, nonzero or none"),
+            (self.max_external_per_peer >= 1, "--max-external-per-peer must be >= 1"),
+            (self.eval_every >= 0 and self.eval_size >= 1, "--eval-every must be >= 0 and --eval-size >= 1"),
+            (self.threads >= 0, "--threads must be >= 0"),
+            (bool(self.swarm) and len(self.swarm) <= 64 and self.swarm.replace("-", "").replace("_", "").replace(".", "").isalnum(),
+             "--swarm must be 1-64 characters of letters, digits, '-', '_' or '.'"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def train_groups(self) -> int:
+        return self.local + self.external
+
+    def replace(self, **changes: Any) -> "NodeConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["bootstrap"] = list(self.bootstrap)
+        return d
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Reads a TOML (.toml) or YAML (.yaml/.yml) file of node settings; keys use flag names (dashes or underscores)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
+    try:
+        if p.suffix == ".toml":
+            raw = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            raw = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"config file {p} must end in .toml, .yaml or .yml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"config file {p} is not valid {p.suffix[1:].upper()}: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config file {p} must hold a table of settings, not a {type(raw).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS or name == "resume":
+            known = ", ".join(sorted(k.replace("_", "-") for k in FIELDS))
+            raise ConfigError(f"config file {p}: unknown setting '{key}' (known: {known})")
+        out[name] = value
+    return out

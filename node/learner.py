@@ -1,0 +1,208 @@
+"""Everything a node does with its own policy, and nothing about the network.
+
+Blocking torch work lives here so the round loop can run it through `trio.to_thread.run_sync` while gossip keeps
+flowing. Peers' groups arrive as plain text with a task reference; they are rebuilt, re-tokenized and rescored here
+with the local verifier before they can be trained on: a peer's answer or reward is never used.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from node.config import NodeConfig
+from node.generation import SamplingConfig, generate_groups, greedy_answers
+from node.grpo import GRPOConfig, GRPOTrainer, TrainGroup
+from node.policy import Policy
+from protocol.messages import Rollout, TaskRef
+from verifiers.prompts import build_prompt
+from verifiers.rewards import RewardPolicy, reward
+from verifiers.tasks import Task, TaskError, build_task, heldout_refs, parse_task_weights, sample_refs
+
+log = logging.getLogger("swarm_node.learner")
+
+# Per-model defaults where one size does not fit all: the tiny model answers in ~5 tokens and, being tiny, tolerates
+# (needs) a larger learning rate than a 0.5B model does.
+TINY_DEFAULTS = {"max_new_tokens": 8, "learning_rate": 1e-4}
+LM_DEFAULTS = {"max_new_tokens": 512, "learning_rate": 1e-6}
+
+
+def model_defaults(model: str) -> dict[str, float]:
+    return TINY_DEFAULTS if model == "tiny" else LM_DEFAULTS
+
+
+@dataclass(frozen=True)
+class ScoredGroup:
+    """One question's completions, tokenized for this node's policy and scored by this node's verifier."""
+
+    ref: TaskRef
+    prompt_ids: tuple[int, ...]
+    completions: tuple[str, ...]
+    completion_ids: tuple[tuple[int, ...], ...]
+    truncated: tuple[bool, ...]
+    rewards: tuple[float, ...]
+    source: str = "local"  # "local", or the peer ID of the node that generated it
+
+    @property
+    def external(self) -> bool:
+        return self.source != "local"
+
+    @property
+    def has_signal(self) -> bool:
+        """False when every completion got the same reward: the group's GRPO advantages are all zero."""
+        return max(self.rewards) > min(self.rewards)
+
+    def to_train_group(self) -> TrainGroup:
+        return TrainGroup(self.prompt_ids, self.completion_ids, self.rewards, self.truncated, external=self.external)
+
+    def to_rollout(self) -> Rollout:
+        return Rollout(task=self.ref, completions=self.completions, rewards=self.rewards)
+
+
+def choose_training_groups(
+    local: Sequence[ScoredGroup], external: Sequence[ScoredGroup], n_local: int, n_external: int, rng: random.Random
+) -> tuple[list[ScoredGroup], list[ScoredGroup]]:
+    """The SAPO mix: I local + J external groups, zero-advantage groups dropped first.
+
+    When peers supply fewer than J useful groups the node falls back to its own, so a lone node trains on I + J local
+    groups (J = 0 is plain single-node RL).
+    """
+    ext = [g for g in external if g.has_signal]
+    ext = rng.sample(ext, min(n_external, len(ext)))
+    own = [g for g in local if g.has_signal]
+    own = rng.sample(own, min(n_local + n_external - len(ext), len(own)))
+    return own, ext
+
+
+class Learner:
+    def __init__(self, policy: Policy, cfg: NodeConfig, rng: random.Random) -> None:
+        defaults = model_defaults(cfg.model)
+        self.policy = policy
+        self.cfg = cfg
+        self.rng = rng
+        self.task_weights = parse_task_weights(cfg.tasks)
+        self.reward_policy = RewardPolicy(mode=cfg.reward_mode, format_reward=cfg.format_reward)
+        self.sampling = SamplingConfig(
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens or int(defaults["max_new_tokens"]),
+            micro_batch=cfg.gen_micro_batch,
+        )
+        self.grpo = GRPOConfig(
+            learning_rate=cfg.learning_rate or defaults["learning_rate"],
+            epsilon=cfg.epsilon,
+            epsilon_high=cfg.epsilon_high,
+            delta=cfg.delta,
+            beta=cfg.beta,
+            loss_type=cfg.loss_type,
+            scale_rewards=cfg.scale_rewards,
+            num_iterations=cfg.num_iterations,
+            micro_batch_size=cfg.micro_batch_size,
+            max_grad_norm=cfg.max_grad_norm,
+            weight_decay=cfg.weight_decay,
+            max_completion_length=self.sampling.max_new_tokens,
+            temperature=cfg.temperature,
+            mask_truncated_completions=cfg.mask_truncated_completions,
+            offpolicy_mask=cfg.offpolicy_mask,
+            offpolicy_threshold=cfg.offpolicy_threshold,
+        )
+        ref_model = None
+        if cfg.beta != 0:  # only then is a frozen reference worth its memory
+            ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
+        self.trainer = GRPOTrainer(policy.model, self.grpo, pad_token_id=policy.tokenizer.pad_token_id, ref_model=ref_model)
+        self.rejected: Counter[str] = Counter()  # peers' groups dropped while rescoring, by reason
+        self._prompt_cache: dict[str, tuple[int, ...]] = {}
+
+    # -- own experience -------------------------------------------------------------------------------------------
+    def rollout(self, round_: int) -> list[ScoredGroup]:
+        """Samples this round's questions, generates a group of completions for each and scores them."""
+        refs = sample_refs(self.task_weights, self.cfg.questions_per_round, self.rng)
+        tasks = [build_task(r) for r in refs]
+        prompts = [self._prompt(t) for t in tasks]
+        seed = self.rng.randrange(2**31)
+        groups = generate_groups(self.policy, prompts, self.cfg.group_size, self.sampling, seed=seed)
+        out = []
+        for task, prompt, comps in zip(tasks, prompts, groups):
+            out.append(
+                ScoredGroup(
+                    ref=task.ref,
+                    prompt_ids=self._prompt_ids(prompt),
+                    completions=tuple(c.text for c in comps),
+                    completion_ids=tuple(tuple(c.token_ids) for c in comps),
+                    truncated=tuple(c.truncated for c in comps),
+                    rewards=tuple(reward(task, c.text, self.reward_policy) for c in comps),
+                )
+            )
+        return out
+
+    # -- peers' experience ----------------------------------------------------------------------------------------
+    def rescore(self, rollouts: Iterable[tuple[Rollout, str]]) -> list[ScoredGroup]:
+        """Rebuilds each shared task from its reference, re-tokenizes the text and scores it with our own verifier."""
+        out = []
+        eos = self.policy.tokenizer.eos_token_id
+        limit = self.sampling.max_new_tokens
+        for rollout, sender in rollouts:
+            try:
+                task = build_task(rollout.task)
+            except TaskError as e:  # a task we cannot rebuild is a task we cannot verify
+                self.rejected["unknown_task"] += 1
+                log.debug("dropping a group from %s: %s", sender, e)
+                continue
+            if len(rollout.completions) < 2:
+                self.rejected["group_too_small"] += 1
+                continue
+            prompt = self._prompt(task)
+            ids, truncated = [], []
+            for text in rollout.completions:
+                toks = self.policy.tokenizer(text, add_special_tokens=False)["input_ids"]
+                # A shared completion is a finished answer: it ends with our EOS unless it exceeds our length budget.
+                truncated.append(len(toks) >= limit + 1)
+                ids.append(tuple(toks[:limit]) if truncated[-1] else tuple(toks) + (eos,))
+            out.append(
+                ScoredGroup(
+                    ref=task.ref,
+                    prompt_ids=self._prompt_ids(prompt),
+                    completions=tuple(rollout.completions),
+                    completion_ids=tuple(ids),
+                    truncated=tuple(truncated),
+                    rewards=tuple(reward(task, text, self.reward_policy) for text in rollout.completions),
+                    source=sender,
+                )
+            )
+        return out
+
+    # -- the update -----------------------------------------------------------------------------------------------
+    def train(self, groups: Sequence[ScoredGroup]) -> dict[str, float]:
+        if not groups:
+            return {"skipped": 1.0, "n_local": 0.0, "n_external": 0.0}
+        return self.trainer.train_step([g.to_train_group() for g in groups])
+
+    def evaluate(self, n: int) -> float:
+        """Greedy accuracy on a fixed held-out set that no training sampler can draw."""
+        tasks = [build_task(r) for fam in self.task_weights for r in heldout_refs(fam, max(1, n // len(self.task_weights)))]
+        texts = greedy_answers(self.policy, [self._prompt(t) for t in tasks], self.sampling.max_new_tokens)
+        strict = RewardPolicy(mode="binary")
+        return sum(reward(t, x, strict) >= 1.0 for t, x in zip(tasks, texts)) / max(1, len(tasks))
+
+    # -- helpers --------------------------------------------------------------------------------------------------
+    def _prompt(self, task: Task) -> str:
+        return build_prompt(task.question, self.policy.tokenizer)
+
+    def _prompt_ids(self, prompt: str) -> tuple[int, ...]:
+        ids = self._prompt_cache.get(prompt)
+        if ids is None:
+            ids = tuple(self.policy.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            if len(self._prompt_cache) > 10_000:
+                self._prompt_cache.clear()
+            self._prompt_cache[prompt] = ids
+        return ids
+
+
+def set_torch_threads(n: int) -> None:
+    if n > 0:
+        torch.set_num_threads(n)

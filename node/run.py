@@ -1,0 +1,225 @@
+"""The node's runtime: one trio nursery holding the mesh, the pool feeder, the publisher, the status server, the signal
+watcher and the round loop. Torch work runs in worker threads (see node.round), so gossip never waits on training and
+a round never waits on the network.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import trio
+
+from node.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from node.config import NodeConfig, data_dir
+from node.learner import Learner, ScoredGroup
+from node.policy import Policy
+from node.round import run_round
+from node.status import serve_status
+from protocol.identity import Identity
+from swarm.pool import ExperiencePool, PooledGroup
+
+log = logging.getLogger("swarm_node")
+
+HISTORY = 500  # rounds of reward history kept for status and checkpoints
+
+
+class NodeRuntime:
+    def __init__(self, cfg: NodeConfig, identity: Identity, policy: Policy, *, on_round: Callable[[dict], None] | None = None):
+        self.cfg = cfg
+        self.identity = identity
+        self.policy = policy
+        self.rng = random.Random(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.learner = Learner(policy, cfg, self.rng)
+        self.pool = ExperiencePool(max_age_s=cfg.max_staleness_s)
+        self.mesh: Any = None  # swarm.mesh.Mesh when online
+        self.on_round = on_round
+        self.round = 0  # next round to run
+        self.last_saved: int | None = None
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
+        self.started_at = time.time()
+        self.stop_requested = False
+        self.inbound_groups = 0  # groups added to the pool since the last round
+        self.received_from: Counter[str] = Counter()  # groups accepted into the pool, by the peer that made them
+        self.totals = {"rollouts_in": 0, "rollouts_out": 0, "rounds": 0}
+        self._publish_send, self._publish_recv = trio.open_memory_channel[tuple[int, list]](4)
+        self.dropped_publishes = 0
+        self.checkpoint_dir = Path(cfg.checkpoint_dir or data_dir() / "checkpoints" / cfg.swarm)
+
+    # -- resume / checkpoint ------------------------------------------------------------------------------------
+    def resume(self) -> int | None:
+        """Loads the newest complete checkpoint; returns its round or None when there is none."""
+        path = latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            return None
+        state = load_checkpoint(
+            path, model=self.policy.model, optimizer=self.learner.trainer.optimizer, rng=self.rng,
+            expected_model_name=self.cfg.model,
+        )
+        self.round = int(state["round"]) + 1
+        self.last_saved = int(state["round"])
+        self.history.extend(state.get("extra", {}).get("history", []))
+        log.info("resumed from %s (next round %d)", path, self.round)
+        return self.last_saved
+
+    async def checkpoint(self, r: int) -> None:
+        if self.last_saved == r:
+            return
+        extra = {"history": list(self.history)[-100:]}
+        await trio.to_thread.run_sync(
+            lambda: save_checkpoint(
+                self.checkpoint_dir, round=r, model=self.policy.model, optimizer=self.learner.trainer.optimizer,
+                config=self.cfg.to_json(), model_name=self.cfg.model, rng=self.rng, extra=extra,
+                keep=self.cfg.keep_checkpoints,
+            )
+        )
+        self.last_saved = r
+
+    # -- what the round loop asks of the network -----------------------------------------------------------------
+    def share(self, r: int, groups: list[ScoredGroup]) -> int:
+        if self.mesh is None or self.cfg.share == "none":
+            return 0
+        chosen = [g for g in groups if self.cfg.share == "all" or g.has_signal]
+        try:  # the publisher paces sends; if it is still busy with old rounds, newer rollouts win
+            self._publish_send.send_nowait((r, [g.to_rollout() for g in chosen]))
+        except trio.WouldBlock:
+            self.dropped_publishes += 1
+            return 0
+        return len(chosen)
+
+    def collect(self, n: int) -> list[PooledGroup]:
+        if n <= 0 or self.mesh is None:
+            return []
+        return self.pool.take(n, rng=self.rng, max_per_sender=self.cfg.max_external_per_peer)
+
+    def peer_count(self) -> int:
+        return len(self.mesh.peers()) if self.mesh is not None else 0
+
+    def take_inbound_count(self) -> int:
+        n, self.inbound_groups = self.inbound_groups, 0
+        return n
+
+    # -- background tasks -----------------------------------------------------------------------------------------
+    async def _feed_pool(self) -> None:
+        async for rec in self.mesh.incoming:
+            added = self.pool.add_batch(rec.batch, rec.received_at)
+            self.inbound_groups += added
+            self.received_from[rec.from_peer] += added
+            self.totals["rollouts_in"] += added
+
+    async def _publish(self) -> None:
+        async for r, rollouts in self._publish_recv:
+            try:
+                await self.mesh.publish_rollouts(r, self.cfg.model, rollouts)
+                self.totals["rollouts_out"] += len(rollouts)
+            except Exception as e:  # a failed publish costs one round's sharing, never the node
+                log.warning("publishing round %d failed: %s", r, e)
+
+    async def _watch_signals(self, cancel: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if self.stop_requested:
+                    log.warning("second %s: stopping now without a checkpoint", signal.Signals(signum).name)
+                    os._exit(130)
+                log.warning("%s received: finishing this step, checkpointing, stopping", signal.Signals(signum).name)
+                self.stop_requested = True
+
+    # -- status ---------------------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        mesh_stats = self.mesh.stats() if self.mesh is not None else {}
+        rejections = dict(mesh_stats.get("rejections_by_reason", {}))
+        for k, v in self.learner.rejected.items():
+            rejections[f"rescore:{k}"] = v
+        uptime = time.time() - self.started_at
+        return {
+            "peer_id": self.identity.peer_id,
+            "public_key": self.identity.public_key.hex(),
+            "swarm": self.cfg.swarm,
+            "model": self.cfg.model,
+            "listen_addrs": self.mesh.listen_addrs() if self.mesh is not None else [],
+            "peers": self.mesh.peers() if self.mesh is not None else [],
+            "round": self.round,
+            "rounds_target": self.cfg.rounds,
+            "reward_history": [[h["round"], round(h["reward_mean"], 4)] for h in self.history],
+            "last_round": self.history[-1] if self.history else None,
+            "pool": self.pool.stats(),
+            "received_from": dict(self.received_from),
+            "rejections": rejections,
+            "mesh": mesh_stats,
+            "throughput": {
+                "uptime_s": round(uptime, 1),
+                "rounds": self.totals["rounds"],
+                "rollouts_in": self.totals["rollouts_in"],
+                "rollouts_out": self.totals["rollouts_out"],
+                "rounds_per_min": round(60 * self.totals["rounds"] / max(uptime, 1e-9), 2),
+                "dropped_publishes": self.dropped_publishes,
+            },
+            "checkpoint": {"dir": str(self.checkpoint_dir), "last_round": self.last_saved},
+        }
+
+    # -- the run --------------------------------------------------------------------------------------------------
+    async def run(self, *, on_ready: Callable[["NodeRuntime"], None] | None = None) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+            if not self.cfg.offline:
+                from swarm.mesh import Mesh, MeshConfig
+
+                self.mesh = Mesh(
+                    self.identity,
+                    MeshConfig(
+                        swarm=self.cfg.swarm, listen=self.cfg.listen, bootstrap=tuple(self.cfg.bootstrap),
+                        max_age_s=self.cfg.max_staleness_s,
+                    ),
+                )
+                await nursery.start(self.mesh.run)
+                self.mesh.set_status(self.round, self.cfg.model)
+                nursery.start_soon(self._feed_pool)
+                nursery.start_soon(self._publish)
+            if self.cfg.status_port:
+                await nursery.start(serve_status, self.cfg.status_port, self.status)
+            if on_ready is not None:
+                on_ready(self)
+            await self._round_loop()
+            nursery.cancel_scope.cancel()
+
+    async def _round_loop(self) -> None:
+        metrics_file = open(self.cfg.metrics, "a", buffering=1) if self.cfg.metrics else None
+        try:
+            while not self.stop_requested and (self.cfg.rounds == 0 or self.round < self.cfg.rounds):
+                r = self.round
+                m = await run_round(self, r)
+                m["time"] = round(time.time(), 3)
+                self.history.append(m)
+                self.totals["rounds"] += 1
+                self.round = r + 1
+                if self.mesh is not None:
+                    self.mesh.set_status(self.round, self.cfg.model)
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(_jsonable(m)) + "\n")
+                if self.on_round is not None:
+                    self.on_round(m)
+            if self.round > 0:
+                await self.checkpoint(self.round - 1)  # the last finished round, before anything else stops
+        finally:
+            if metrics_file is not None:
+                metrics_file.close()
+
+
+def _jsonable(m: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in m.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        elif isinstance(v, torch.Tensor):
+            v = v.item()
+        out[k] = v
+    return out

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs everything swarm-node needs into ./.venv on a Debian machine with Python 3.11 (apt + PyPI reachable).
+# Idempotent: a second run only checks. Usage: bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# fastecdsa (a py-libp2p dependency) compiles against GMP.
+if ! dpkg -s libgmp-dev >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq libgmp-dev gcc python3-dev >/dev/null
+fi
+
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+echo "swarm-node installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

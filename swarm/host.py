@@ -1,0 +1,188 @@
+"""py-libp2p 0.8.1 host and gossipsub construction with the settings and guards this project needs.
+
+Every non-default here fixes a measured problem (see shared/notes/libp2p-0.8.md, items in brackets):
+- security is Noise only: the default also accepts /plaintext/2.0.0 from a dialer that offers only that [1];
+- heartbeat ~1 s and adaptive gossip off: the default 120 s (or adaptive 30-60 s) heartbeat starves gossip repair [2];
+- spam protection off: it drops >10 msg/s per *forwarder* before caching, so gossip never recovers them [3];
+  our own per-sender token buckets (swarm.validator) do rate limiting instead, after authentication;
+- eclipse protection off: it reasons about IP diversity, meaningless on one host/LAN and unmeasured in 0.8.1;
+- per-peer outbound queue raised from 32 RPCs, and the subscription is drained synchronously (no 32-slot buffer) [4];
+- message size: both inbound RPC limit and outbound queue split limit stay at libp2p's 1 MiB, identical on every
+  node (mismatched limits reset streams in a loop [5]); our envelopes are <= 1,000,000 bytes;
+- a malformed frame on /meshsub/* raises protobuf DecodeError out of Pubsub.continuously_read_stream, through the
+  connection's nursery, and takes the whole host down [6]: GuardedPubsub.stream_handler catches it, resets the stream
+  and reports the peer (the mesh bans and disconnects it). Same for Pubsub.push_msg: a message whose from_id does not
+  inline its key and whose `key` field is malformed makes libp2p's signature_validator raise (nacl ValueError) in a
+  pubsub service task, which also took the host down (measured): forwarded messages are guarded and the forwarder
+  reported;
+- equivocation detection keeps up to ~1000 whole messages (~1 GB at 1 MB each) [9]: we keep a 32-byte digest instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, Callable, Sequence
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost, INetStream
+from libp2p.crypto.ed25519 import Ed25519PrivateKey
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.rpc_queue import RpcQueue
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+
+from protocol.identity import Identity
+
+log = logging.getLogger(__name__)
+
+MESHSUB_PROTOCOLS = [PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID]
+OUTBOUND_QUEUE_RPCS = 128  # default 32 dropped bursts silently; 128 x <=1 MiB bounds memory per peer
+SEEN_TTL_S = 120  # seen-cache of message IDs only (small); duplicates inside this window are dropped for free
+
+
+def key_pair_for(identity: Identity) -> KeyPair:
+    """libp2p key pair from the node identity, so the libp2p peer ID *is* identity.peer_id."""
+    priv = Ed25519PrivateKey.from_bytes(identity.private_seed)
+    kp = KeyPair(priv, priv.get_public_key())
+    pid = ID.from_pubkey(kp.public_key).to_base58()
+    if pid != identity.peer_id:
+        raise RuntimeError(f"libp2p peer ID {pid} != identity peer ID {identity.peer_id}")
+    return kp
+
+
+def noise_only(kp: KeyPair) -> dict[Any, Any]:
+    return {NOISE_PROTOCOL_ID: NoiseTransport(kp, noise_privkey=create_new_x25519_key_pair().private_key)}
+
+
+def build_host(identity: Identity, listen: Sequence[str], *, mdns: bool = False) -> IHost:
+    """A TCP host speaking Noise only. No `bootstrap=` here: dialing before pubsub runs crashed 0.8.1 [8].
+    mdns=True starts py-libp2p's zeroconf mDNS, which only fills the peerstore (Discovery dials from there)."""
+    kp = key_pair_for(identity)
+    return new_host(key_pair=kp, sec_opt=noise_only(kp), listen_addrs=[multiaddr.Multiaddr(a) for a in listen],
+                    enable_mDNS=mdns)
+
+
+class _SizedQueues(dict):  # type: ignore[type-arg]
+    """Pubsub builds each peer's RpcQueue with the 32-slot default and no knob; resize as it is registered."""
+
+    def __setitem__(self, key: ID, queue: RpcQueue) -> None:
+        queue._queue.max_size = OUTBOUND_QUEUE_RPCS
+        super().__setitem__(key, queue)
+
+
+class GuardedPubsub(Pubsub):
+    """Pubsub that a peer cannot crash with malformed input, and that hands validated messages straight to us.
+
+    on_message(msg) is called synchronously for each new validated message on a subscribed topic (instead of the
+    32-slot subscription channel that drops on overflow); on_bad_peer(peer, why) when a peer sent something that broke
+    py-libp2p itself (the caller should ban and disconnect it).
+    """
+
+    def __init__(self, host: IHost, router: GossipSub, *, on_message: Callable[[rpc_pb2.Message], None],
+                 on_bad_peer: Callable[[ID, str], None], **kwargs: Any) -> None:
+        super().__init__(host, router, **kwargs)
+        self.peer_queues = _SizedQueues()
+        self._on_message = on_message
+        self._on_bad_peer = on_bad_peer
+
+    def _report(self, peer_id: ID, why: str) -> None:
+        try:
+            self._on_bad_peer(peer_id, why)
+        except Exception:  # the reporter must not become a crash path of its own
+            log.exception("on_bad_peer failed")
+
+    async def stream_handler(self, stream: INetStream) -> None:
+        peer_id = stream.muxed_conn.peer_id
+        try:
+            await super().stream_handler(stream)
+        except Exception as e:  # DecodeError & co escape the base handler and would kill the host [6]
+            log.warning("malformed pubsub input from %s (%s: %s): resetting its stream", peer_id,
+                        type(e).__name__, str(e)[:200])
+            try:
+                await stream.reset()
+            except Exception:
+                pass
+            try:
+                self._handle_dead_peer(peer_id)
+            except Exception:
+                log.debug("cleanup after bad frame failed", exc_info=True)
+            self._report(peer_id, f"frame:{type(e).__name__}")
+
+    async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+        if msg_forwarder == self.my_id:  # our own publish: let errors surface to the caller
+            await super().push_msg(msg_forwarder, msg)
+            return
+        try:
+            await super().push_msg(msg_forwarder, msg)
+        except Exception as e:  # e.g. an undecodable msg.key raises in signature_validator; runs as a service task
+            log.warning("bad message forwarded by %s (%s): dropping", msg_forwarder, type(e).__name__)
+            self._report(msg_forwarder, f"message:{type(e).__name__}")
+
+    def notify_subscriptions(self, publish_message: rpc_pb2.Message) -> None:
+        if not any(t in self.topic_ids for t in publish_message.topicIDs):
+            return
+        try:
+            self._on_message(publish_message)
+        except Exception:
+            log.exception("message sink failed")
+
+
+class BoundedGossipSub(GossipSub):
+    def _check_equivocation(self, msg: rpc_pb2.Message) -> bool:
+        # Same semantics as the base (same from+seqno with other content is refused) but stores a digest, not the
+        # message: the base keeps up to ~1000 whole messages [9].
+        key = msg.from_id + msg.seqno
+        digest = hashlib.sha256(msg.data + b"\x00" + "\x00".join(msg.topicIDs).encode()).digest()
+        prev = self.equivocation_detection.get(key)
+        if prev is None:
+            self.equivocation_detection[key] = digest  # type: ignore[assignment]
+            return True
+        if prev != digest:
+            log.warning("equivocation from %s", ID(msg.from_id))
+            return False
+        return True
+
+
+def build_router(heartbeat_s: float = 1.0) -> BoundedGossipSub:
+    return BoundedGossipSub(
+        protocols=MESHSUB_PROTOCOLS,
+        degree=6,
+        degree_low=4,
+        degree_high=12,
+        heartbeat_interval=heartbeat_s,  # type: ignore[arg-type]  # float works: it is only passed to trio.sleep
+        heartbeat_initial_delay=0.1,
+        gossip_window=3,
+        gossip_history=5,  # mcache holds ~5 heartbeats of messages: bounded by the per-sender rate limit
+        time_to_live=60,
+        do_px=False,  # PX only rides on PRUNE (mesh over D_high); our signed Hello exchange does discovery
+        adaptive_gossip_enabled=False,
+        spam_protection_enabled=False,
+        eclipse_protection_enabled=False,
+    )
+
+
+def build_pubsub(host: IHost, router: GossipSub, *, on_message: Callable[[rpc_pb2.Message], None],
+                 on_bad_peer: Callable[[ID, str], None]) -> GuardedPubsub:
+    return GuardedPubsub(host, router, on_message=on_message, on_bad_peer=on_bad_peer,
+                         strict_signing=True,  # libp2p signs each message: msg.from_id is authenticated
+                         seen_ttl=SEEN_TTL_S,
+                         validation_timeout=10.0)
+
+
+def peer_id_str(pid: ID | bytes) -> str:
+    return (pid if isinstance(pid, ID) else ID(pid)).to_base58()
+
+
+async def disconnect_quietly(host: IHost, peer: ID) -> None:
+    try:
+        with trio.move_on_after(5):
+            await host.disconnect(peer)
+    except Exception:
+        log.debug("disconnect %s failed", peer, exc_info=True)

@@ -1,0 +1,450 @@
+"""The node's view of the swarm: one gossipsub topic carrying signed RolloutBatch and Hello messages.
+
+Flow of an incoming message: py-libp2p checks its own signature (so msg.from_id, the original publisher, is
+authenticated) -> our async topic validator runs MessageValidator.check (rejections are counted by reason, charged to
+the peers responsible, and neither delivered nor forwarded) and stashes the decoded message -> GuardedPubsub hands the
+accepted message to `_on_message` synchronously, which puts a `Received` on the bounded `incoming` channel (never
+blocking the pubsub reader; overflow is counted) or feeds a Hello to discovery.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import multiaddr
+import trio
+from libp2p.peer.id import ID
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.tools.anyio_service import background_trio_service
+from libp2p.utils.address_validation import expand_wildcard_address
+
+from protocol.envelope import seal
+from protocol.errors import ProtocolError
+from protocol.identity import Identity
+from protocol.messages import (
+    MAX_ADDR_CHARS,
+    MAX_ADDRS,
+    MAX_MESSAGE_BYTES,
+    MAX_ROLLOUTS,
+    PROTOCOL_VERSION,
+    Hello,
+    Message,
+    Rollout,
+    RolloutBatch,
+)
+
+from .discovery import Discovery
+from .host import build_host, build_pubsub, build_router, disconnect_quietly, peer_id_str
+from .validator import REASONS, MessageValidator, PeerStanding, RateLimit, Rejected, TokenBucket
+
+log = logging.getLogger(__name__)
+
+
+def topic_for(swarm: str, version: int = PROTOCOL_VERSION) -> str:
+    return f"swarm-node/{swarm}/v{version}"
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    swarm: str
+    listen: str = "/ip4/0.0.0.0/tcp/0"
+    bootstrap: tuple[str, ...] = ()
+    max_age_s: float = 900.0
+    max_clock_skew_s: float = 60.0
+    # What we accept from one sender (token buckets). A node publishes a few <=1 MB batches per ~1 s round.
+    rate_msgs_per_s: float = 20.0
+    rate_msgs_burst: float = 60.0
+    rate_bytes_per_s: float = 8_000_000.0
+    rate_bytes_burst: float = 24_000_000.0
+    # What we send: half of what receivers accept, so pacing alone never trips their limit.
+    publish_msgs_per_s: float = 10.0
+    publish_bytes_per_s: float = 4_000_000.0
+    publish_bytes_burst: float = 2_000_000.0
+    heartbeat_s: float = 1.0
+    hello_interval_s: float = 10.0
+    mdns: bool = False
+    max_peers: int = 32  # peer exchange stops dialing at this many connections
+    incoming_capacity: int = 256  # Received batches buffered for the node; beyond that new ones are dropped
+    replay_window: int = 64
+    strike_threshold: int = 10  # more rejections than this within strike_window_s -> disconnect + ban
+    strike_window_s: float = 60.0
+    ban_s: float = 600.0
+    bootstrap_backoff_max_s: float = 30.0
+
+    def rate(self) -> RateLimit:
+        return RateLimit(self.rate_msgs_per_s, self.rate_msgs_burst, self.rate_bytes_per_s, self.rate_bytes_burst)
+
+
+@dataclass(frozen=True)
+class Received:
+    batch: RolloutBatch
+    from_peer: str  # the signer and libp2p publisher (not the forwarder)
+    received_at: float  # wall clock
+    size: int  # sealed envelope bytes
+
+
+@dataclass
+class _Counters:
+    accepted: int = 0
+    accepted_hellos: int = 0
+    published: int = 0
+    published_hellos: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    incoming_dropped: int = 0  # Received dropped because the node did not drain `incoming`
+    oversize_dropped: int = 0  # our own rollouts too big for one message even alone
+    bad_frames: int = 0  # peers that sent input that broke py-libp2p itself (banned at once)
+    duplicates: int = 0
+    bans: int = 0
+    latency_ms: list[float] = field(default_factory=list)  # created_at -> received_at of recent batches
+
+
+class Mesh:
+    def __init__(self, identity: Identity, config: MeshConfig) -> None:
+        self.identity = identity
+        self.config = config
+        self.topic = topic_for(config.swarm)
+        self.validator = MessageValidator(
+            config.swarm, PROTOCOL_VERSION, max_age_s=config.max_age_s, max_clock_skew_s=config.max_clock_skew_s,
+            rate=config.rate(), replay_window=config.replay_window)
+        self.standing = PeerStanding(config.strike_threshold, config.strike_window_s, config.ban_s)
+        send, recv = trio.open_memory_channel[Received](config.incoming_capacity)
+        self._send = send
+        self.incoming: trio.MemoryReceiveChannel[Received] = recv
+        self._lock = threading.Lock()  # guards counters/snapshots read by stats() from other threads
+        self._c = _Counters()
+        self._stash: OrderedDict[bytes, tuple[Message, int]] = OrderedDict()  # libp2p msg id -> validated message
+        self._my_id_bytes = ID.from_base58(identity.peer_id).to_bytes()
+        self._round = 0
+        self._model = "unknown"  # protocol requires a non-empty model name; set_status() replaces it
+        self._seq = 0
+        self._out_msgs = TokenBucket(config.publish_msgs_per_s, max(1.0, config.publish_msgs_per_s / 2), 0.0)
+        self._out_bytes = TokenBucket(config.publish_bytes_per_s, max(float(MAX_MESSAGE_BYTES),
+                                                                        config.publish_bytes_burst), 0.0)
+        self._publish_lock = trio.Lock()
+        self._host: Any = None
+        self._pubsub: Any = None
+        self._discovery: Discovery | None = None
+        self._nursery: trio.Nursery | None = None
+        self._listen_addrs: list[str] = []
+        self._peers_cache: list[str] = []
+        self._trio_thread: int | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run host, pubsub, router, discovery and background tasks until cancelled."""
+        self._trio_thread = threading.get_ident()
+        cfg = self.config
+        host = build_host(self.identity, [cfg.listen], mdns=cfg.mdns)
+        router = build_router(cfg.heartbeat_s)
+        pubsub = build_pubsub(host, router, on_message=self._on_message, on_bad_peer=self._on_bad_peer)
+        pubsub.set_topic_validator(self.topic, self._validate, True)  # async: a raising sync one kills the host [7]
+        self._host, self._pubsub = host, pubsub
+        try:
+            async with host.run(listen_addrs=[multiaddr.Multiaddr(cfg.listen)]):
+                # pubsub and router services start before any dial [8]
+                async with background_trio_service(pubsub), background_trio_service(router):
+                    await pubsub.wait_until_ready()
+                    await pubsub.subscribe(self.topic)
+                    self._listen_addrs = self._compute_listen_addrs()
+                    self._discovery = Discovery(host, bootstrap=cfg.bootstrap, max_peers=cfg.max_peers,
+                                                is_banned=self.standing.is_banned,
+                                                backoff_max_s=cfg.bootstrap_backoff_max_s, scan_peerstore=cfg.mdns)
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        await nursery.start(self._discovery.run)
+                        nursery.start_soon(self._hello_loop)
+                        nursery.start_soon(self._maintenance_loop)
+                        log.info("mesh %s listening on %s", self.topic, " ".join(self._listen_addrs))
+                        task_status.started()
+                        await trio.sleep_forever()
+        finally:
+            self._nursery = None
+            self._send.close()  # consumers see EndOfChannel once drained
+
+    # ---- public API -----------------------------------------------------------------------------------------
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    def listen_addrs(self) -> list[str]:
+        """Full multiaddrs with /p2p/<peer id>; a wildcard listen is expanded to interface addresses + 127.0.0.1."""
+        return list(self._listen_addrs)
+
+    def peers(self) -> list[str]:
+        """Connected peers that subscribe to our topic."""
+        if self._pubsub is None or threading.get_ident() != self._trio_thread:
+            with self._lock:
+                return list(self._peers_cache)
+        ps = self._pubsub
+        out = sorted(p.to_base58() for p in ps.peer_topics.get(self.topic, set()) if p in ps.peers)
+        with self._lock:
+            self._peers_cache = out
+        return out
+
+    def connected(self) -> list[str]:
+        """All peers with a live connection (on our topic or not)."""
+        if self._host is None:
+            return []
+        return sorted(p.to_base58() for p in self._host.get_connected_peers())
+
+    def set_status(self, round: int, model: str) -> None:
+        self._round, self._model = int(round), str(model)
+
+    async def publish_rollouts(self, round: int, model: str, rollouts: Sequence[Rollout]) -> int:
+        """Sign and publish rollouts as as many batches as needed (each envelope <= 1,000,000 bytes), paced.
+
+        Returns the number of batches published. A single rollout too big for one message is dropped with a warning.
+        """
+        if self._pubsub is None:
+            raise RuntimeError("Mesh.run() is not running")
+        self.set_status(round, model)
+        async with self._publish_lock:  # keeps seq order == publish order
+            n = 0
+            items = list(rollouts)
+            for i in range(0, len(items), MAX_ROLLOUTS):
+                for data in self._seal_split(round, model, items[i:i + MAX_ROLLOUTS]):
+                    await self._publish(data)
+                    with self._lock:
+                        self._c.published += 1
+                    n += 1
+            return n
+
+    def stats(self) -> dict[str, Any]:
+        """Plain JSON-able counters; safe to call from any thread."""
+        peers = self.peers()
+        with self._lock:
+            c = self._c
+            lat = sorted(c.latency_ms)
+            known = {}
+            if self._discovery is not None:
+                known = {p: {"round": k.round, "model": k.model, "age_s": round(time.time() - k.last_hello, 1)}
+                         for p, k in list(self._discovery.known.items())}
+            return {
+                "peer_id": self.peer_id,
+                "topic": self.topic,
+                "listen_addrs": list(self._listen_addrs),
+                "peers": peers,
+                "n_peers": len(peers),
+                "accepted": c.accepted,
+                "accepted_hellos": c.accepted_hellos,
+                "published": c.published,
+                "published_hellos": c.published_hellos,
+                "bytes_in": c.bytes_in,
+                "bytes_out": c.bytes_out,
+                "incoming_dropped": c.incoming_dropped,
+                "oversize_dropped": c.oversize_dropped,
+                "duplicates": c.duplicates,
+                "bad_frames": c.bad_frames,
+                "rejections_by_reason": {r: self.validator.counts.get(r, 0) for r in REASONS},
+                "strikes": self.standing.recent(),
+                "strikes_total": dict(self.standing.total),
+                "banned": self.standing.banned(),
+                "bans": c.bans,
+                "latency_ms_p50": _pct(lat, 0.5),
+                "latency_ms_p90": _pct(lat, 0.9),
+                "known_peers": known,
+                "dials_ok": self._discovery.dials_ok if self._discovery else 0,
+                "dials_failed": self._discovery.dials_failed if self._discovery else 0,
+            }
+
+    # ---- publishing -----------------------------------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        # Time-based so it keeps rising across restarts (peers' replay windows remember our last seq).
+        self._seq = max(self._seq + 1, time.time_ns() // 1000)
+        return self._seq
+
+    def _seal_split(self, round: int, model: str, items: list[Rollout]) -> list[bytes]:
+        if not items:
+            return []
+        batch = RolloutBatch(sender=self.peer_id, swarm=self.config.swarm, version=PROTOCOL_VERSION, round=round,
+                             created_at=time.time(), seq=self._next_seq(), model=model, rollouts=tuple(items))
+        try:
+            return [seal(batch, self.identity)]
+        except ProtocolError as e:
+            if e.reason != "size":
+                raise
+        if len(items) == 1:
+            log.warning("dropping one rollout group: too big for a single %d-byte message", MAX_MESSAGE_BYTES)
+            with self._lock:
+                self._c.oversize_dropped += 1
+            return []
+        mid = len(items) // 2
+        return self._seal_split(round, model, items[:mid]) + self._seal_split(round, model, items[mid:])
+
+    async def _publish(self, data: bytes) -> None:
+        # Pace (no bursts beyond ~1 message): keeps us far from every receiver's per-sender token bucket.
+        while True:
+            now = trio.current_time()
+            wait = max(self._out_msgs.wait_time(1, now), self._out_bytes.wait_time(len(data), now))
+            if wait <= 0:
+                break
+            await trio.sleep(wait)
+        now = trio.current_time()
+        self._out_msgs.take(1, now)
+        self._out_bytes.take(len(data), now)
+        await self._pubsub.publish(self.topic, data)
+        with self._lock:
+            self._c.bytes_out += len(data)
+
+    async def _publish_hello(self) -> None:
+        addrs = tuple(a for a in self._listen_addrs if len(a) <= MAX_ADDR_CHARS)[:MAX_ADDRS]
+        hello = Hello(sender=self.peer_id, swarm=self.config.swarm, version=PROTOCOL_VERSION, round=self._round,
+                      created_at=time.time(), seq=self._next_seq(), model=self._model, listen_addrs=addrs)
+        async with self._publish_lock:
+            await self._publish(seal(hello, self.identity))
+        with self._lock:
+            self._c.published_hellos += 1
+
+    async def _hello_loop(self) -> None:
+        """Announce ourselves every hello_interval_s, and soon after a new peer joins (so it learns the others)."""
+        last = -math.inf
+        before: set[str] = set()
+        step = min(1.0, self.config.hello_interval_s)
+        while True:
+            await trio.sleep(step)
+            now_peers = set(self.peers())
+            now = trio.current_time()
+            fresh = bool(now_peers - before)
+            before = now_peers
+            if now_peers and (now - last >= self.config.hello_interval_s or (fresh and now - last >= step)):
+                try:
+                    await self._publish_hello()
+                except Exception:
+                    log.warning("publishing Hello failed", exc_info=True)
+                last = now
+
+    # ---- receiving ------------------------------------------------------------------------------------------
+
+    async def _validate(self, forwarder: ID, msg: rpc_pb2.Message) -> bool:
+        """libp2p topic validator. Never raises: returns False for any rejection (notes item 7)."""
+        try:
+            if msg.from_id == self._my_id_bytes:
+                return True  # our own publish (a forwarded copy claiming to be us is dropped by pubsub itself)
+            msg_id = msg.from_id + msg.seqno
+            if msg_id in self._stash:  # same libp2p message arriving twice before the seen-cache caught it
+                with self._lock:
+                    self._c.duplicates += 1
+                return False
+            publisher = peer_id_str(msg.from_id)
+            fwd = forwarder.to_base58()
+            with self._lock:
+                try:
+                    decoded = self.validator.check(msg.data, publisher)
+                except Rejected as r:
+                    banned = self.standing.on_rejection(r.reason, publisher, fwd)
+                    log.debug("rejected %s from %s via %s", r.reason, publisher, fwd)
+                else:
+                    banned = []
+                    self._stash[msg_id] = (decoded, len(msg.data))
+                    while len(self._stash) > 1024:  # accepted but never delivered (e.g. pubsub dropped it later)
+                        self._stash.popitem(last=False)
+                    return True
+            for p in banned:
+                self._ban(p, "too many rejections", already_marked=True)
+            return False
+        except Exception:
+            log.exception("topic validator failed; rejecting")
+            return False
+
+    def _on_message(self, msg: rpc_pb2.Message) -> None:
+        """Called synchronously by GuardedPubsub for each new validated message: never blocks."""
+        if msg.from_id == self._my_id_bytes:
+            return
+        entry = self._stash.pop(msg.from_id + msg.seqno, None)
+        if entry is None:
+            log.debug("validated message without a stash entry; dropped")
+            return
+        decoded, size = entry
+        now = time.time()
+        if isinstance(decoded, Hello):
+            with self._lock:
+                self._c.accepted_hellos += 1
+                self._c.bytes_in += size
+            if self._discovery is not None:
+                self._discovery.on_hello(decoded, now)
+            return
+        assert isinstance(decoded, RolloutBatch)
+        with self._lock:
+            self._c.accepted += 1
+            self._c.bytes_in += size
+            self._c.latency_ms.append((now - decoded.created_at) * 1000.0)
+            del self._c.latency_ms[:-1000]
+        try:
+            self._send.send_nowait(Received(decoded, decoded.sender, now, size))
+        except trio.WouldBlock:
+            with self._lock:
+                self._c.incoming_dropped += 1
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    # ---- standing -------------------------------------------------------------------------------------------
+
+    def _on_bad_peer(self, peer: ID, why: str) -> None:
+        with self._lock:
+            self._c.bad_frames += 1
+            self.standing.ban(peer.to_base58())
+        self._ban(peer.to_base58(), why, already_marked=True)
+
+    def _ban(self, peer: str, why: str, already_marked: bool = False) -> None:
+        if peer == self.peer_id:
+            return
+        with self._lock:
+            if not already_marked:
+                self.standing.ban(peer)
+            self._c.bans += 1
+        log.warning("banning peer %s for %.0f s (%s)", peer, self.config.ban_s, why)
+        pid = ID.from_base58(peer)
+        try:
+            self._pubsub.add_to_blacklist(pid)  # drops its messages and its pubsub stream
+        except Exception:
+            log.debug("blacklist failed", exc_info=True)
+        if self._nursery is not None and self._host is not None:
+            self._nursery.start_soon(disconnect_quietly, self._host, pid)
+
+    async def _maintenance_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.heartbeat_s)
+            with self._lock:
+                expired = self.standing.expired()
+            for peer in expired:
+                log.info("ban of %s expired", peer)
+                self._pubsub.remove_from_blacklist(ID.from_base58(peer))
+            # a banned peer may dial us again: the host accepts the connection, so close it here
+            for pid in list(self._host.get_connected_peers()):
+                with self._lock:
+                    banned = self.standing.is_banned(pid.to_base58())
+                if banned:
+                    await disconnect_quietly(self._host, pid)
+            self.peers()  # refresh the cache read by other threads
+
+    def _compute_listen_addrs(self) -> list[str]:
+        out: list[str] = []
+        for ma in self._host.get_transport_addrs():
+            s = str(ma)
+            if "/ip4/0.0.0.0/" in s or "/ip6/::/" in s:
+                cands = [str(x) for x in expand_wildcard_address(ma)]
+                if "/ip4/0.0.0.0/" in s:
+                    port = ma.value_for_protocol("tcp")
+                    cands.append(f"/ip4/127.0.0.1/tcp/{port}")
+            else:
+                cands = [s]
+            for c in cands:
+                full = f"{c}/p2p/{self.peer_id}"
+                if full not in out:
+                    out.append(full)
+        return out
+
+
+def _pct(sorted_vals: list[float], q: float) -> float | None:
+    if not sorted_vals:
+        return None
+    return round(sorted_vals[min(len(sorted_vals) - 1, int(q * len(sorted_vals)))], 2)

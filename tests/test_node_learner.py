@@ -1,0 +1,112 @@
+"""The learner in-process on the embedded tiny model: the SAPO mix, local rescoring of peers' text, resume."""
+import json
+import random
+
+import pytest
+import torch
+import trio
+
+from node.config import NodeConfig
+from node.learner import Learner, ScoredGroup, choose_training_groups
+from node.policy import load_policy
+from node.run import NodeRuntime
+from protocol.identity import Identity
+from protocol.messages import Rollout, TaskRef
+from verifiers.tasks import build_task, make_ref
+
+
+@pytest.fixture(scope="module")
+def policy():
+    torch.set_num_threads(1)
+    return load_policy("tiny")
+
+
+def group(rewards, source="local"):
+    n = len(rewards)
+    return ScoredGroup(TaskRef.make("arith", {}, 0, 0), (1,), ("x",) * n, ((2,),) * n, (False,) * n, tuple(rewards), source)
+
+
+def test_mix_takes_I_local_and_J_external_and_drops_zero_advantage():
+    rng = random.Random(0)
+    local = [group([1, 0]) for _ in range(6)] + [group([0, 0]), group([1, 1])]
+    external = [group([0, 1], "peer") for _ in range(5)] + [group([1, 1], "peer")]
+    own, ext = choose_training_groups(local, external, 4, 4, rng)
+    assert len(own) == 4 and len(ext) == 4
+    assert all(g.has_signal for g in own + ext) and all(g.external for g in ext)
+
+
+def test_mix_falls_back_to_local_when_peers_are_short():
+    rng = random.Random(0)
+    local = [group([1, 0]) for _ in range(8)]
+    own, ext = choose_training_groups(local, [group([0, 1], "p")], 4, 4, rng)
+    assert (len(own), len(ext)) == (7, 1)
+    own, ext = choose_training_groups(local, [], 4, 4, rng)
+    assert (len(own), len(ext)) == (8, 0)
+    own, ext = choose_training_groups(local, [], 8, 0, rng)  # J = 0: plain single-node RL
+    assert (len(own), len(ext)) == (8, 0)
+
+
+def test_rescore_uses_only_the_task_ref_and_the_text(policy):
+    learner = Learner(policy, NodeConfig(offline=True), random.Random(0))
+    ref = make_ref("arith", 7, 3)
+    gold = build_task(ref).answer
+    wrong = str(int(gold) + 1)
+    # the peer claims every completion is right: its rewards must not matter
+    shared = Rollout(ref, (f"<answer>{gold}</answer>", f"<answer>{wrong}</answer>", "garbage"), (1.0, 1.0, 1.0))
+    bogus = Rollout(TaskRef.make("no_such_task", {}, 1, 1), ("<answer>1</answer>", "<answer>2</answer>"), (1.0, 0.0))
+    groups = learner.rescore([(shared, "peerA"), (bogus, "peerB")])
+    assert len(groups) == 1 and groups[0].rewards == (1.0, 0.0, 0.0)
+    assert groups[0].external and groups[0].source == "peerA"
+    assert learner.rejected["unknown_task"] == 1
+    eos = policy.tokenizer.eos_token_id
+    assert all(ids[-1] == eos for ids in groups[0].completion_ids)  # re-tokenized as finished answers
+    assert policy.tokenizer.decode(groups[0].completion_ids[0][:-1]) == f"<answer>{gold}</answer>"
+
+
+def test_rollout_scores_its_own_completions(policy):
+    cfg = NodeConfig(offline=True, questions_per_round=4, group_size=4)
+    learner = Learner(policy, cfg, random.Random(1))
+    groups = learner.rollout(0)
+    assert len(groups) == 4 and all(len(g.completions) == 4 for g in groups)
+    for g in groups:
+        task = build_task(g.ref)
+        for text, r in zip(g.completions, g.rewards):
+            assert r == (1.0 if text.strip() == f"<answer>{task.answer}</answer>" else 0.0)
+
+
+def run_node(cfg, identity, policy_factory):
+    node = NodeRuntime(cfg, identity, policy_factory())
+    if cfg.resume:
+        node.resume()
+    trio.run(node.run)
+    return node
+
+
+def test_resume_gives_the_same_parameters_as_a_straight_run(tmp_path):
+    torch.set_num_threads(1)
+    ident = Identity.generate()
+    base = dict(offline=True, questions_per_round=4, group_size=4, checkpoint_every=1, seed=3)
+    straight = run_node(NodeConfig(rounds=6, checkpoint_dir=str(tmp_path / "a"), **base), ident, lambda: load_policy("tiny"))
+    run_node(NodeConfig(rounds=3, checkpoint_dir=str(tmp_path / "b"), **base), ident, lambda: load_policy("tiny"))
+    resumed = run_node(
+        NodeConfig(rounds=6, checkpoint_dir=str(tmp_path / "b"), resume=True, **base), ident, lambda: load_policy("tiny")
+    )
+    assert resumed.round == 6 and resumed.last_saved == 5
+    a = dict(straight.policy.model.named_parameters())
+    for name, p in resumed.policy.model.named_parameters():
+        assert torch.equal(p, a[name]), name
+    # and the run really trained: parameters moved away from the shipped weights
+    fresh = dict(load_policy("tiny").model.named_parameters())
+    assert any(not torch.equal(p, fresh[n]) for n, p in a.items())
+
+
+def test_metrics_lines_have_the_documented_fields(tmp_path):
+    torch.set_num_threads(1)
+    m = tmp_path / "m.jsonl"
+    cfg = NodeConfig(offline=True, rounds=2, questions_per_round=4, group_size=4, metrics=str(m),
+                     checkpoint_dir=str(tmp_path / "ck"))
+    run_node(cfg, Identity.generate(), lambda: load_policy("tiny"))
+    rows = [json.loads(x) for x in m.read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1]
+    for key in ("round", "reward_mean", "n_local", "n_external", "peers", "wall_s", "loss", "entropy", "tokens"):
+        assert key in rows[0], key

@@ -1,0 +1,243 @@
+"""Real py-libp2p hosts on loopback, in one trio run: delivery, peer exchange, rejection, robustness, splitting."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable
+
+import pytest
+import trio
+
+from protocol.envelope import seal
+from protocol.identity import Identity
+from protocol.messages import Rollout, TaskRef
+from swarm.mesh import Mesh, MeshConfig, Received, topic_for
+from swarm.testing import (GarbageStreamPeer, PlaintextDialer, RawPublisher, bad_envelopes, bad_key_publish_frame,
+                           dummy_rollouts, make_batch)
+
+SWARM = "t"
+LOOP = "/ip4/127.0.0.1/tcp/0"
+
+
+async def start(nursery: trio.Nursery, *bootstrap: Mesh, **kw) -> Mesh:
+    cfg = MeshConfig(swarm=kw.pop("swarm", SWARM), listen=LOOP,
+                     bootstrap=tuple(m.listen_addrs()[0] for m in bootstrap),
+                     heartbeat_s=0.5, hello_interval_s=1.0, bootstrap_backoff_max_s=2.0, **kw)
+    mesh = Mesh(Identity.generate(), cfg)
+    await nursery.start(mesh.run)
+    return mesh
+
+
+async def wait_until(pred: Callable[[], bool], timeout: float = 15.0, what: str = "") -> float:
+    t0 = trio.current_time()
+    with trio.fail_after(timeout):
+        while not pred():
+            await trio.sleep(0.05)
+    return trio.current_time() - t0
+
+
+async def collect(mesh: Mesh, n: int, timeout: float = 10.0) -> list[Received]:
+    out: list[Received] = []
+    with trio.move_on_after(timeout):
+        while len(out) < n:
+            out.append(await mesh.incoming.receive())
+    return out
+
+
+def drain(mesh: Mesh) -> list[Received]:
+    out = []
+    while True:
+        try:
+            out.append(mesh.incoming.receive_nowait())
+        except trio.WouldBlock:
+            return out
+
+
+async def test_three_nodes_then_a_fourth_via_peer_exchange() -> None:
+    async with trio.open_nursery() as n:
+        a = await start(n)
+        b = await start(n, a)
+        c = await start(n, a)
+        meshes = [a, b, c]
+        # B and C only know A; signed Hellos make them find each other
+        t_mesh = await wait_until(lambda: all(len(m.peers()) == 2 for m in meshes))
+        for m in meshes:
+            assert sorted(m.peers()) == sorted(x.peer_id for x in meshes if x is not m)
+        await trio.sleep(1.0)  # one or two heartbeats: GRAFTs settle
+        for i, m in enumerate(meshes):
+            assert await m.publish_rollouts(i, "m", dummy_rollouts(2)) == 1
+        for m in meshes:
+            got = await collect(m, 2)
+            assert sorted(r.from_peer for r in got) == sorted(x.peer_id for x in meshes if x is not m)
+            assert all(len(r.batch.rollouts) == 2 and r.batch.swarm == SWARM for r in got)
+        assert all(m.stats()["accepted"] == 2 for m in meshes)
+
+        # D bootstraps to C only: it still gets A's rollouts (relayed), then connects to A and B itself
+        t_d = trio.current_time()
+        d = await start(n, c)
+        await wait_until(lambda: c.peer_id in d.peers())
+        await trio.sleep(1.0)
+        t0 = time.time()
+        await a.publish_rollouts(7, "m", dummy_rollouts(1))
+        # (D may first get the round-0..2 batches: pubsub replays its recent-message cache to a new subscriber)
+        got = [r for r in await collect(d, 4, timeout=5) if r.batch.round == 7]
+        assert len(got) == 1 and got[0].from_peer == a.peer_id
+        relay_ms = (got[0].received_at - t0) * 1000
+        await wait_until(lambda: len(d.peers()) == 3 and all(d.peer_id in m.peers() for m in meshes))
+        t_px = trio.current_time() - t_d
+        s = await trio.to_thread.run_sync(d.stats)  # stats() is safe from another thread, and JSON-able
+        json.dumps(s)
+        assert sorted(s["peers"]) == sorted(m.peer_id for m in meshes)
+        assert set(s["known_peers"]) >= {a.peer_id, b.peer_id, c.peer_id}
+        assert all(sum(m.stats()["rejections_by_reason"].values()) == 0 for m in meshes + [d])
+        print(f"\nmesh formed in {t_mesh:.2f}s; relay A->C->D {relay_ms:.1f} ms; D fully connected after {t_px:.2f}s")
+        n.cancel_scope.cancel()
+
+
+async def test_bad_messages_rejected_counted_and_not_forwarded() -> None:
+    async with trio.open_nursery() as n:
+        b = await start(n)
+        c = await start(n, b)
+        await wait_until(lambda: b.peers() and c.peers())
+        evil = RawPublisher(Identity.generate(), topic_for(SWARM))
+        async with evil.running():
+            bpid = await evil.connect(b.listen_addrs()[0])
+            await evil.wait_subscribed(bpid)
+            await wait_until(lambda: evil.identity.peer_id in b.peers())
+            await trio.sleep(1.0)
+
+            good = seal(make_batch(evil.identity, SWARM, round=1), evil.identity)
+            await evil.publish(good)
+            first = await collect(c, 1)
+            assert [r.batch.round for r in first] == [1] and first[0].from_peer == evil.identity.peer_id
+
+            await evil.publish(good)  # same envelope, new libp2p message: a replay
+            bad = bad_envelopes(evil.identity, SWARM)
+            for data in bad.values():
+                await evil.publish(data)
+            await evil.publish(seal(make_batch(evil.identity, SWARM, round=2), evil.identity))
+            second = await collect(c, 1)
+            assert [r.batch.round for r in second] == [2]
+            await trio.sleep(1.0)
+            assert drain(c) == []  # nothing else reached C: nothing bad was forwarded
+            assert drain(b) and True  # B itself got round 1 and 2
+
+            sb = b.stats()
+            assert sb["rejections_by_reason"] == {"size": 1, "decode": 1, "signature": 2, "sender": 1, "swarm": 1,
+                                                  "version": 1, "stale": 1, "replay": 1, "rate": 0}
+            assert sb["accepted"] == 2
+            assert sum(c.stats()["rejections_by_reason"].values()) == 0
+            assert sb["strikes"][evil.identity.peer_id] == 9 and not sb["banned"]
+
+            # two more bad ones: 11 strikes > 10 -> banned and disconnected; its later messages go nowhere
+            await evil.publish(bad["signature"])
+            await evil.publish(bad["decode"])
+            await wait_until(lambda: evil.identity.peer_id in b.stats()["banned"])
+            await wait_until(lambda: evil.identity.peer_id not in b.connected())
+            assert b.stats()["bans"] == 1
+        n.cancel_scope.cancel()
+
+
+async def test_garbage_frame_costs_the_peer_not_the_host() -> None:
+    async with trio.open_nursery() as n:
+        b = await start(n)
+        c = await start(n, b)
+        await wait_until(lambda: b.peers() and c.peers())
+        junk_ids = []
+        for frame in GarbageStreamPeer.FRAMES:  # a fresh peer per frame: the first one is banned after one frame
+            junk = GarbageStreamPeer()
+            junk_ids.append(junk.identity.peer_id)
+            async with junk.running():
+                await junk.send_garbage(b.listen_addrs()[0], frame)
+                await wait_until(lambda: junk.identity.peer_id not in b.connected())
+        # a well-formed frame with a malformed signing key made py-libp2p's own signature check raise
+        junk = GarbageStreamPeer()
+        junk_ids.append(junk.identity.peer_id)
+        async with junk.running():
+            await junk.send_garbage(b.listen_addrs()[0], bad_key_publish_frame(topic_for(SWARM)))
+            await wait_until(lambda: junk.identity.peer_id not in b.connected())
+        s = b.stats()
+        assert s["bad_frames"] == 4 and set(junk_ids) <= set(s["banned"])
+        # B is alive and still exchanging in both directions
+        await trio.sleep(0.5)
+        await c.publish_rollouts(3, "m", dummy_rollouts(1))
+        assert [r.batch.round for r in await collect(b, 1)] == [3]
+        await b.publish_rollouts(4, "m", dummy_rollouts(1))
+        assert [r.batch.round for r in await collect(c, 1)] == [4]
+        n.cancel_scope.cancel()
+
+
+async def test_plaintext_dialer_is_refused() -> None:
+    async with trio.open_nursery() as n:
+        b = await start(n)
+        async with PlaintextDialer().running() as p:
+            assert not await p.try_connect(b.listen_addrs()[0], timeout=10)
+        assert b.connected() == []
+        n.cancel_scope.cancel()
+
+
+async def test_large_publish_is_split_and_arrives_whole() -> None:
+    async with trio.open_nursery() as n:
+        a = await start(n)
+        b = await start(n, a)
+        await wait_until(lambda: a.peers() and b.peers())
+        await trio.sleep(1.0)
+        # 48 groups x 2 completions x 16,000 chars = ~1.5 MB of text (a completion is at most 16,384 chars)
+        rollouts = tuple(Rollout(TaskRef.make("arith", {"digits": 2}, 7, i), (f"{i:02d}" + "y" * 16_000,) * 2, (0.5, 1.0))
+                         for i in range(48))
+        t0 = time.time()
+        nb = await a.publish_rollouts(5, "m", rollouts)
+        assert nb >= 2
+        got = await collect(b, nb)
+        dt = time.time() - t0
+        assert len(got) == nb and all(r.size <= 1_000_000 for r in got)
+        assert len({r.batch.seq for r in got}) == nb
+        received = sorted((r for g in got for r in g.batch.rollouts), key=lambda r: r.task.index)
+        assert tuple(received) == rollouts
+        total = sum(r.size for r in got)
+        assert total > 1_500_000
+        print(f"\n{total / 1e6:.2f} MB in {nb} batches delivered in {dt * 1000:.0f} ms")
+        n.cancel_scope.cancel()
+
+
+async def test_bootstrap_retries_until_the_peer_appears(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import socket
+
+    caplog.set_level(logging.WARNING, logger="swarm.discovery")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    a_id = Identity.generate()
+    a_addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{a_id.peer_id}"
+    async with trio.open_nursery() as n:
+        b = Mesh(Identity.generate(), MeshConfig(swarm=SWARM, listen=LOOP, bootstrap=(a_addr,), heartbeat_s=0.5,
+                                                 hello_interval_s=1.0, bootstrap_backoff_max_s=1.0))
+        await n.start(b.run)  # starts although its only bootstrap peer is not there
+        await wait_until(lambda: any("no bootstrap peer answered" in r.message for r in caplog.records), 10)
+        await trio.sleep(1.0)
+        a = Mesh(a_id, MeshConfig(swarm=SWARM, listen=f"/ip4/127.0.0.1/tcp/{port}", heartbeat_s=0.5))
+        await n.start(a.run)
+        dt = await wait_until(lambda: a.peer_id in b.peers(), 10)
+        await trio.sleep(1.0)
+        await b.publish_rollouts(1, "m", dummy_rollouts(1))
+        assert [r.from_peer for r in await collect(a, 1)] == [b.peer_id]
+        print(f"\nbootstrap peer came up; connected {dt:.2f}s later")
+        n.cancel_scope.cancel()
+
+
+async def test_wildcard_listen_and_incoming_overflow() -> None:
+    async with trio.open_nursery() as n:
+        a = Mesh(Identity.generate(), MeshConfig(swarm=SWARM, heartbeat_s=0.5))  # default: /ip4/0.0.0.0/tcp/0
+        await n.start(a.run)
+        addrs = a.listen_addrs()
+        assert any(x.startswith("/ip4/127.0.0.1/tcp/") for x in addrs)
+        assert all(x.endswith(f"/p2p/{a.peer_id}") and "/0.0.0.0/" not in x for x in addrs)
+        b = await start(n, a, incoming_capacity=2)
+        await wait_until(lambda: a.peers() and b.peers())
+        await trio.sleep(1.0)
+        for r in range(5):
+            await a.publish_rollouts(r, "m", dummy_rollouts(1))
+        await wait_until(lambda: b.stats()["accepted"] == 5)
+        assert len(drain(b)) == 2 and b.stats()["incoming_dropped"] == 3
+        n.cancel_scope.cancel()
