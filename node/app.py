@@ -73,6 +73,9 @@ def run_join(cfg: NodeConfig) -> int:
         from node.run import NodeRuntime
 
         set_torch_threads(cfg.threads)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a per-load progress bar is noise in a node's output
         t0 = time.monotonic()
         policy = load_policy(cfg.model, device=cfg.device, dtype=cfg.dtype)
         view.message(f"model {cfg.model} on {policy.device} ({policy.dtype}), loaded in {time.monotonic() - t0:.1f}s; log: {log_path}")

@@ -64,6 +64,8 @@ HELP = {
     "identity": "Identity key file (default: <data dir>/identity.key; created if missing).",
     "status_port": "Serve JSON status on 127.0.0.1:PORT (0 = off).",
     "offline": "Do not join any mesh: plain single-node RL.",
+    "min_peers": "Wait for this many peers before the first round (0 = start at once).",
+    "peer_wait_s": "Longest wait for --min-peers before training alone.",
 }
 FLAGS = {"resume", "offline"}  # presence flags
 TOGGLES = {"mask_truncated_completions", "offpolicy_mask"}  # --x/--no-x
@@ -125,7 +127,7 @@ def join(print_config: bool, **kwargs: Any) -> None:
 
 @main.command()
 @click.option("--nodes", type=click.IntRange(1, 64), default=4, show_default=True, help="Node processes to start.")
-@click.option("--rounds", type=click.IntRange(1), default=40, show_default=True, help="Rounds each node runs.")
+@click.option("--rounds", type=click.IntRange(1), default=100, show_default=True, help="Rounds each node runs.")
 @click.option("--model", default="tiny", show_default=True, help="Model for every node.")
 @click.option("--local", "local_", type=click.IntRange(0), default=4, show_default=True, help="I: own groups per round.")
 @click.option("--external", type=click.IntRange(0), default=4, show_default=True, help="J: peers' groups per round.")

@@ -82,6 +82,8 @@ class NodeConfig:
     listen: str = "/ip4/0.0.0.0/tcp/0"
     identity: str = ""  # "" = <data dir>/identity.key
     status_port: int = 0  # 0 = no status server
+    min_peers: int = 0  # wait for this many peers before the first round (experiments that start together)
+    peer_wait_s: float = 60.0  # ... but no longer than this; then train alone
     offline: bool = False  # no mesh at all: plain single-node RL
 
     def __post_init__(self) -> None:
@@ -100,6 +102,7 @@ class NodeConfig:
             (self.max_external_per_peer >= 1, "--max-external-per-peer must be >= 1"),
             (self.eval_every >= 0 and self.eval_size >= 1, "--eval-every must be >= 0 and --eval-size >= 1"),
             (self.threads >= 0, "--threads must be >= 0"),
+            (self.min_peers >= 0 and self.peer_wait_s >= 0, "--min-peers and --peer-wait-s must be >= 0"),
             (bool(self.swarm) and len(self.swarm) <= 64 and self.swarm.replace("-", "").replace("_", "").replace(".", "").isalnum(),
              "--swarm must be 1-64 characters of letters, digits, '-', '_' or '.'"),
         ]

@@ -72,9 +72,10 @@ def _split(policy: Policy, row: torch.Tensor, eos: set[int]) -> Completion:
     ids = row.tolist()
     cut = next((i for i, t in enumerate(ids) if t in eos), None)
     kept = ids if cut is None else ids[: cut + 1]
-    # pad can only appear after EOS here, unless pad == some real token; only strip trailing eos/pad for text
-    text_ids = kept[:-1] if cut is not None else kept
-    text = policy.tokenizer.decode(text_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    # Text keeps every sampled token (special or not) except EOS and pad, so it reflects what the model wrote.
+    pad = policy.tokenizer.pad_token_id
+    text_ids = [t for t in (kept[:-1] if cut is not None else kept) if t != pad]
+    text = policy.tokenizer.decode(text_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     return Completion(text=text, token_ids=tuple(kept), truncated=cut is None)
 
 
@@ -97,9 +98,12 @@ def generate_groups(policy: Policy, prompts: list[str], group_size: int, cfg: Sa
     if not prompts:
         return []
     tok_rows = [prompt_token_ids(policy.tokenizer, p) for p in prompts]
+    if any(not r for r in tok_rows):
+        raise ValueError("generate_groups got an empty prompt; every prompt needs at least one token")
     eos = eos_token_ids(policy)
-    per_call = min(group_size, cfg.micro_batch)  # samples of one prompt per generate call
-    prompts_per_call = max(1, cfg.micro_batch // group_size)
+    greedy = cfg.temperature <= 0  # every member of a greedy group is the same: decode once, copy
+    per_call = 1 if greedy else min(group_size, cfg.micro_batch)  # samples of one prompt per generate call
+    prompts_per_call = cfg.micro_batch if greedy else max(1, cfg.micro_batch // group_size)
     devices = [policy.device.index or 0] if policy.device.type == "cuda" else []
     groups: list[list[Completion]] = [[] for _ in prompts]
     with torch.random.fork_rng(devices=devices, enabled=seed is not None):  # leave the caller's RNG stream alone
@@ -107,6 +111,10 @@ def generate_groups(policy: Policy, prompts: list[str], group_size: int, cfg: Sa
             torch.manual_seed(seed)
         for start in range(0, len(prompts), prompts_per_call):
             chunk = tok_rows[start:start + prompts_per_call]
+            if greedy:
+                for j, g in enumerate(_sample_chunk(policy, chunk, 1, cfg, eos)):
+                    groups[start + j] = g * group_size
+                continue
             done = 0
             while done < group_size:  # only loops when group_size > micro_batch
                 n = min(per_call, group_size - done)

@@ -417,7 +417,7 @@ class GRPOTrainer:
                             self.ref_model, mb.input_ids, mb.attention_mask, mb.n_completion, cfg.temperature)
 
             losses, grad_norms = [], []
-            clip = {"clip_low": 0.0, "clip_high": 0.0, "clip_region": 0.0, "kl": 0.0}
+            sums = {"clip_low": 0.0, "clip_high": 0.0, "clip_region": 0.0, "kl": 0.0}  # token-weighted
             stat_tokens = 0.0
             stepped, nonfinite = 0, False
             for it in range(cfg.num_iterations):
@@ -435,8 +435,8 @@ class GRPOTrainer:
                         normalizer=normalizer, sequence_mask=mb.sequence_mask)
                     loss.backward()
                     total += float(loss.detach())
-                    for k in clip:
-                        clip[k] += st.get(k, 0.0) * st["tokens"]
+                    for k in sums:
+                        sums[k] += st.get(k, 0.0) * st["tokens"]
                     stat_tokens += st["tokens"]
                 if it == 0 and not self._anything_to_learn(batches):
                     break  # every sequence is masked or has zero advantage: a step would move weights on no signal
@@ -460,9 +460,9 @@ class GRPOTrainer:
         denom = max(stat_tokens, 1.0)
         metrics.update(
             loss=sum(losses) / len(losses) if losses else 0.0,
-            clip_low=clip["clip_low"] / denom,
-            clip_high=clip["clip_high"] / denom,
-            clip_region=clip["clip_region"] / denom,
+            clip_low=sums["clip_low"] / denom,
+            clip_high=sums["clip_high"] / denom,
+            clip_region=sums["clip_region"] / denom,
             entropy=ent_sum / max(ent_tokens, 1.0),
             tokens=n_tokens,
             n_offpolicy_masked=float(n_masked),
@@ -472,7 +472,7 @@ class GRPOTrainer:
             nonfinite_grad=float(nonfinite),
         )
         if cfg.beta != 0.0:
-            metrics["kl"] = clip["kl"] / denom
+            metrics["kl"] = sums["kl"] / denom
         return metrics
 
     @staticmethod

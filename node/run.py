@@ -184,12 +184,23 @@ class NodeRuntime:
                 self.mesh.set_status(self.round, self.cfg.model)
                 nursery.start_soon(self._feed_pool)
                 nursery.start_soon(self._publish)
+                await self._wait_for_peers()
             if self.cfg.status_port:
                 await nursery.start(serve_status, self.cfg.status_port, self.status)
             if on_ready is not None:
                 on_ready(self)
             await self._round_loop()
             nursery.cancel_scope.cancel()
+
+    async def _wait_for_peers(self) -> None:
+        if self.cfg.min_peers <= 0:
+            return
+        with trio.move_on_after(self.cfg.peer_wait_s):
+            while len(self.mesh.peers()) < self.cfg.min_peers and not self.stop_requested:
+                await trio.sleep(0.2)
+        if len(self.mesh.peers()) < self.cfg.min_peers:
+            log.warning("only %d of %d peers after %.0fs: starting anyway", len(self.mesh.peers()), self.cfg.min_peers,
+                        self.cfg.peer_wait_s)
 
     async def _round_loop(self) -> None:
         metrics_file = open(self.cfg.metrics, "a", buffering=1) if self.cfg.metrics else None

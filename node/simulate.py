@@ -33,7 +33,8 @@ def free_ports(n: int) -> list[int]:
 
 
 def node_command(i: int, *, out: Path, swarm: str, model: str, rounds: int, local: int, external: int, seed: int,
-                 p2p_port: int, status_port: int, bootstrap: str | None, eval_every: int, extra: tuple[str, ...]) -> list[str]:
+                 p2p_port: int, status_port: int, bootstrap: str | None, eval_every: int, extra: tuple[str, ...],
+                 n_nodes: int) -> list[str]:
     d = out / f"node-{i}"
     cmd = [
         sys.executable, "-m", "node.cli", "join",
@@ -43,6 +44,8 @@ def node_command(i: int, *, out: Path, swarm: str, model: str, rounds: int, loca
         "--identity", str(d / "identity.key"), "--checkpoint-dir", str(d / "checkpoints"),
         "--metrics", str(d / "metrics.jsonl"), "--log-file", str(d / "node.log"),
         "--threads", "1", "--eval-every", str(eval_every),
+        # start together: a node that began alone would run ahead before the others had loaded
+        "--min-peers", str(n_nodes - 1), "--peer-wait-s", "120",
     ]
     if bootstrap:
         cmd += ["--bootstrap", bootstrap]
@@ -164,7 +167,8 @@ def run_simulation(*, nodes: int, rounds: int, model: str, local_: int, external
         for i in range(nodes):
             cmd = node_command(i, out=out_dir, swarm=swarm, model=model, rounds=rounds, local=local_, external=external,
                                seed=seed, p2p_port=p2p[i], status_port=status_ports[i],
-                               bootstrap=None if i == 0 else seed_addr, eval_every=eval_every, extra=extra)
+                               bootstrap=None if i == 0 else seed_addr, eval_every=eval_every, extra=extra,
+                               n_nodes=nodes)
             log = open(out_dir / f"node-{i}" / "stdout.log", "w")
             logs.append(log)
             # Each node gets its own process group so a Ctrl-C in this terminal reaches only us; we stop them in order.

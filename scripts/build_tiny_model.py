@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import re
 import sys
@@ -39,32 +38,76 @@ def is_heldout(a: int, op: str, b: int) -> bool:
     return zlib.crc32(f"{a}{op}{b}".encode()) % 10 == 0
 
 
-def build_tokenizer(out: Path, max_len: int):
-    from tokenizers import AddedToken, Tokenizer, decoders, models
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+def byte_symbols() -> dict[int, str]:
+    """GPT-2's byte -> symbol map (as in ByteLevel): printable ASCII maps to itself, ' ' -> 'Ġ', '\\n' -> 'Ċ'."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    extra = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
 
-    chars = [chr(i) for i in range(32, 127)] + ["\n"]
-    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
-    # BPE with no merges over a char vocab = one token per character; unknown chars -> <unk>.
+
+def byte_chars() -> list[str]:
+    """All 256 byte symbols, printable ASCII and newline first so they get the low ids."""
+    sym = byte_symbols()
+    first = list(range(32, 127)) + [10]
+    return [sym[b] for b in first] + [sym[b] for b in range(256) if b not in first]
+
+
+def build_tokenizer(out: Path, max_len: int) -> int:
+    """Save a character-level fast tokenizer to `out`; returns its size.
+
+    Byte-level BPE with no merges: every ASCII character is one token and any other text still round-trips (as
+    UTF-8 bytes). Byte-level is also what transformers 5 forces on a model_type "qwen2" checkpoint (AutoTokenizer
+    rebuilds Qwen2Tokenizer with a ByteLevel pre-tokenizer/decoder from our vocab), so both load paths agree.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + byte_chars())}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    core.decoder = decoders.Fuse()  # join characters back without spaces
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
     core.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
     core.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                                   padding_side="left", model_max_length=max_len)
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(out)
-    return AutoTokenizer.from_pretrained(out, local_files_only=True)  # what users will get
+    compat_tokenizer_config(out)
+    return len(tok)
 
 
-def build_model(tok, args):
+def compat_tokenizer_config(out: Path) -> None:
+    """Make the files loadable by transformers 4.x too: it knows PreTrainedTokenizerFast (5.x aliases it) and reads
+    the chat template from tokenizer_config.json."""
+    path = out / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["chat_template"] = CHAT_TEMPLATE
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def load_tokenizer(out: Path):
+    """Load it the way users will (AutoTokenizer, with config.json present) and check the character contract."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    sample = "a b\n{x}: 7*8 = 56 ~ é"
+    assert tok.decode(tok(sample, add_special_tokens=False)["input_ids"]) == sample
+    ids = tok("12+34=<answer>46</answer></s>", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 11 and ids[-1] == tok.eos_token_id, ids
+    assert tok.apply_chat_template([{"role": "user", "content": "1+2="}], tokenize=False,
+                                   add_generation_prompt=True) == "1+2="
+    return tok
+
+
+def build_model(vocab_size: int, args):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                       num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
                       max_position_embeddings=args.max_len, tie_word_embeddings=True, use_sliding_window=False,
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+                      pad_token_id=0, eos_token_id=2, bos_token_id=None)
     torch.manual_seed(args.seed)
     return Qwen2ForCausalLM(cfg)
 
@@ -145,8 +188,11 @@ def main() -> None:
     random.seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    tok = build_tokenizer(args.out, args.max_len)
-    model = build_model(tok, args)
+    vocab_size = build_tokenizer(args.out, args.max_len)
+    model = build_model(vocab_size, args)
+    model.config.save_pretrained(args.out)  # AutoTokenizer picks its class from config.json: save it first
+    tok = load_tokenizer(args.out)
+    assert (tok.pad_token_id, tok.eos_token_id) == (0, 2) and len(tok) == vocab_size
     n_params = sum(p.numel() for p in model.parameters())
     print(f"tokenizer: {len(tok)} tokens; model: Qwen2 hidden {args.hidden}, {args.layers} layers, "
           f"{args.heads} heads, {n_params:,} params")
@@ -196,7 +242,7 @@ def main() -> None:
     model.generation_config.bos_token_id = None
     model.save_pretrained(args.out)  # fp32 safetensors + config.json + generation_config.json
     meta = {
-        "build_command": "python scripts/build_tiny_model.py " + " ".join(sys.argv[1:]),
+        "build_command": " ".join(["python scripts/build_tiny_model.py", *sys.argv[1:]]),
         "seed": args.seed, "threads": args.threads, "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "architecture": "Qwen2ForCausalLM", "params": n_params, "vocab_size": len(tok), "hidden": args.hidden,
@@ -219,18 +265,20 @@ def main() -> None:
 README = """# tiny: the embedded demo policy
 
 A {params:,}-parameter Qwen2ForCausalLM (hidden {hidden}, {layers} layers, {heads} heads, tied embeddings) with a
-character-level tokenizer ({vocab_size} tokens: printable ASCII, newline, `<pad>` `<unk>` `</s>`, and `<answer>` /
-`</answer>` as single tokens). Its chat template renders only the last user message, so the prompt is just `12+34=`
-and a completion is `<answer>46</answer></s>`.
+character-level tokenizer ({vocab_size} tokens): printable ASCII and newline are single tokens, the other byte values
+are tokens too so any text round-trips, plus `<pad>` `<unk>` `</s>` and `<answer>` / `</answer>` as single tokens.
+Its chat template renders only the last user message, so the prompt is just `12+34=` and a completion is
+`<answer>46</answer></s>`.
 
-Warm-started with {steps} supervised steps (batch {batch}, lr {lr}, {seconds} s on CPU) on the training split of 2-digit
-addition and stopped early on purpose ({stop_rule}): the format is learnt, the digits are left for RL.
+Warm-started with {steps} supervised steps (batch {batch}, lr {lr}, {seconds} s wall-clock on CPU) on the training
+split of 2-digit addition, stopped early on purpose ({stop_rule}): the format is learnt, the digits are left for RL.
 
-Held-out split ({ho[n]} problems, never trained on): greedy accuracy {ho[greedy_acc]:.3f}, format {ho[greedy_format]:.3f},
-sampled (T=1) accuracy {ho[sampled_acc]:.3f}, pass@8 {ho[pass@8]:.3f}, groups of 8 with mixed rewards {ho[mixed_groups]:.3f}.
+Held-out split ({ho[n]} problems, never trained on): greedy accuracy {ho[greedy_acc]:.3f}, format
+{ho[greedy_format]:.3f}, sampled (T=1) accuracy {ho[sampled_acc]:.3f}, pass@8 {ho[pass@8]:.3f}, groups of 8 with
+mixed rewards {ho[mixed_groups]:.3f}.
 
-Rebuild: `{build_command}` (seed {seed}, {threads} threads, torch {torch}, transformers {transformers}).
-See metadata.json for the exact numbers.
+Rebuild: `{build_command}` (seed {seed}, {threads} threads, torch {torch}, transformers {transformers}); the build is
+bit-for-bit reproducible with the same versions and thread count. See metadata.json for the exact numbers.
 """
 
 if __name__ == "__main__":

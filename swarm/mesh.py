@@ -8,6 +8,7 @@ blocking the pubsub reader; overflow is counted) or feeds a Hello to discovery.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import threading
@@ -119,6 +120,7 @@ class Mesh:
         self._lock = threading.Lock()  # guards counters/snapshots read by stats() from other threads
         self._c = _Counters()
         self._stash: OrderedDict[bytes, tuple[Message, int]] = OrderedDict()  # libp2p msg id -> validated message
+        self._delivered: OrderedDict[bytes, None] = OrderedDict()  # recent delivered msg ids (bounded), see _validate
         self._my_id_bytes = ID.from_base58(identity.peer_id).to_bytes()
         self._round = 0
         self._model = "unknown"  # protocol requires a non-empty model name; set_status() replaces it
@@ -153,6 +155,10 @@ class Mesh:
                     await pubsub.wait_until_ready()
                     await pubsub.subscribe(self.topic)
                     self._listen_addrs = self._compute_listen_addrs()
+                    if not self._listen_addrs:
+                        # py-libp2p only logs a failed listen and carries on deaf; a node nobody can dial is a
+                        # configuration mistake the user must hear about
+                        raise OSError(errno.EADDRINUSE, f"could not listen on {cfg.listen} (address in use or not local)")
                     self._discovery = Discovery(host, bootstrap=cfg.bootstrap, max_peers=cfg.max_peers,
                                                 is_banned=self.standing.is_banned,
                                                 backoff_max_s=cfg.bootstrap_backoff_max_s, scan_peerstore=cfg.mdns)
@@ -330,7 +336,9 @@ class Mesh:
             if msg.from_id == self._my_id_bytes:
                 return True  # our own publish (a forwarded copy claiming to be us is dropped by pubsub itself)
             msg_id = msg.from_id + msg.seqno
-            if msg_id in self._stash:  # same libp2p message arriving twice before the seen-cache caught it
+            # The same libp2p message arriving twice: py-libp2p marks a message seen only after validating it, so a
+            # second copy can reach us while (or just after) the first is handled. Not a replay by its publisher.
+            if msg_id in self._stash or msg_id in self._delivered:
                 with self._lock:
                     self._c.duplicates += 1
                 return False
@@ -359,7 +367,11 @@ class Mesh:
         """Called synchronously by GuardedPubsub for each new validated message: never blocks."""
         if msg.from_id == self._my_id_bytes:
             return
-        entry = self._stash.pop(msg.from_id + msg.seqno, None)
+        msg_id = msg.from_id + msg.seqno
+        entry = self._stash.pop(msg_id, None)
+        self._delivered[msg_id] = None
+        while len(self._delivered) > 4096:
+            self._delivered.popitem(last=False)
         if entry is None:
             log.debug("validated message without a stash entry; dropped")
             return

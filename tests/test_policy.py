@@ -74,7 +74,7 @@ def test_tiny_tokenizer_is_character_level_with_answer_tags(tiny):
     comp = tok("<answer>46</answer></s>", add_special_tokens=False)["input_ids"]
     assert len(comp) == 5 and comp[-1] == tok.eos_token_id
     assert tok.convert_ids_to_tokens(comp) == ["<answer>", "4", "6", "</answer>", "</s>"]
-    text = "a b\n{x}: 7*8 = 56 ~"
+    text = "a b\n{x}: 7*8 = 56 ~ é\t"
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text  # round trip, no added spaces
     # skip_special_tokens drops pad/eos but keeps the answer tags
     assert tok.decode([0, 0] + comp, skip_special_tokens=True) == "<answer>46</answer>"

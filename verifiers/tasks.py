@@ -19,8 +19,11 @@ Seeds and splits
 
 Safety: a peer chooses the ref, so configs are restricted to an allowlist of scalar keys with bounded ranges, chosen
 so that one build stays in the millisecond range. reasoning-gym's binary_matrix scorer calls `eval` on the answer; we
-score that family with an equivalent `ast.literal_eval` version instead. Scores outside [0, 1] (a reasoning-gym bug
-in calendar_arithmetic for negative gold answers) count as 0.
+score that family with an equivalent `ast.literal_eval` version instead. propositional_logic answers may only contain
+the task's variables, connectives, parentheses and spaces (reasoning-gym would read "zzz" as a fresh variable), and are
+capped at 512 chars (its parser is quadratic). Scores outside [0, 1] (a reasoning-gym bug in calendar_arithmetic for
+negative gold answers) count as 0. Known unsolvable items: ~0.7% of propositional_logic items have tautological
+premises, so no conclusion scores above 0.25 (binary reward 0 for the whole group).
 """
 from __future__ import annotations
 
@@ -123,11 +126,13 @@ _RG_SPECS: dict[str, dict[str, _Key]] = {
         "whitespace": _Key(str, "single", choices=("no_space", "single", "random")),
     },
     "arc_1d": {
-        "min_size": _int(10, 8, 64),
-        "max_size": _int(30, 8, 64),
+        # Above 40 cells recolor_blocks_from_palette can need >9 distinct colours and loops forever; 30 is the
+        # reasoning-gym default and was scanned for hangs.
+        "min_size": _int(10, 8, 30),
+        "max_size": _int(30, 8, 30),
         "num_train": _int(3, 1, 5),
     },
-    "bf": {"difficulty": _int(1, 1, 3)},
+    "bf": {"difficulty": _int(1, 1, 2)},  # difficulty 3 interprets loops for up to seconds per item
     "propositional_logic": {
         "min_vars": _int(2, 1, 6),
         "max_vars": _int(4, 1, 6),
@@ -217,6 +222,9 @@ def _check_cross_rules(generator: str, cfg: Mapping[str, ConfigValue]) -> None:
         raise TaskError("decimal_arithmetic precision must exceed max_num_decimal_places + 1")
     if generator == "base_conversion" and cfg["min_value"] >= cfg["max_value"]:  # type: ignore[operator]
         raise TaskError("base_conversion min_value must be < max_value")
+    if generator == "base_conversion" and cfg["min_base"] >= cfg["max_base"]:  # type: ignore[operator]
+        # reasoning-gym redraws the target base until it differs from the source: one base loops forever
+        raise TaskError("base_conversion min_base must be < max_base")
     if generator == "fraction_simplification" and cfg["min_value"] >= cfg["max_value"]:  # type: ignore[operator]
         raise TaskError("fraction_simplification min_value must be < max_value")
 
@@ -387,6 +395,16 @@ def _score_binary_matrix(answer: str, task: Task) -> float:
         return 0.0
 
 
+_LOGIC_SYMBOLS = frozenset("()∧∨¬→↔ ")
+
+
+def _is_formula(answer: str, task: Task) -> bool:
+    # reasoning-gym parses any unknown word as a fresh variable, so "zzz" scores 0.25 when the premises are
+    # contradictory; only the task's variables, the five connectives, parentheses and spaces may appear.
+    allowed = _LOGIC_SYMBOLS | set(task.metadata["variables"])
+    return all(c in allowed for c in answer)
+
+
 def score_answer(task: Task, answer: str | None) -> float:
     """Verifier score in [0, 1] for an extracted answer (stripped first). Never raises; anything odd scores 0."""
     try:
@@ -401,6 +419,8 @@ def score_answer(task: Task, answer: str | None) -> float:
             return 0.0
         if task.ref.generator == "binary_matrix":
             score = _score_binary_matrix(answer, task)
+        elif task.ref.generator == "propositional_logic" and not _is_formula(answer, task):
+            score = 0.0
         else:
             ds = _rg_dataset(task.ref.generator, tuple(sorted(_validate_ref(task.ref).items())))
             entry = {"question": task.question, "answer": task.answer, "metadata": task.metadata}
