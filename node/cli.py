@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from node.config import FIELDS, ConfigError, NodeConfig, data_dir, read_config_file
+from node.config import FIELDS, MODEL_DEFAULTS, ConfigError, NodeConfig, data_dir, read_config_file
 
 HELP = {
     "model": "tiny (embedded, default), an alias (qwen-0.5b, qwen-1.5b, qwen3-0.6b, ...), a hub id, or a local directory.",
@@ -31,9 +31,9 @@ HELP = {
     "share": "What to publish: all groups, only those with mixed rewards (nonzero), or none.",
     "temperature": "Sampling temperature (also used for training log-probs).",
     "top_p": "Nucleus sampling.",
-    "max_new_tokens": "Completion length budget (0 = per-model default).",
+    "max_new_tokens": "Completion length budget.",
     "gen_micro_batch": "Most sequences generated at once (bounds memory).",
-    "learning_rate": "AdamW learning rate (0 = per-model default).",
+    "learning_rate": "AdamW learning rate.",
     "epsilon": "Lower clip range.",
     "epsilon_high": "Upper clip range.",
     "delta": "Two-sided ratio cap (off unless set).",
@@ -68,6 +68,8 @@ HELP = {
     "peer_wait_s": "Longest wait for --min-peers before training alone.",
 }
 FLAGS = {"resume", "offline"}  # presence flags
+OPTIONAL_TYPES = {"local": int, "external": int, "questions_per_round": int, "max_external_per_peer": int,
+             "max_new_tokens": int, "learning_rate": float, "delta": float}
 TOGGLES = {"mask_truncated_completions", "offpolicy_mask"}  # --x/--no-x
 
 
@@ -92,6 +94,9 @@ def node_options(f):
             opt = click.option(f"{flag}/--no-{flag[2:]}", default=field.default, envvar=env, show_default=True, help=HELP[name])
         elif name == "bootstrap":
             opt = click.option(flag, multiple=True, envvar=env, help=HELP[name] + f" Env: {env} (space-separated).")
+        elif field.default is None:
+            per_model = " [default: per model; see --print-config]" if name in MODEL_DEFAULTS["*"] else ""
+            opt = click.option(flag, type=OPTIONAL_TYPES[name], default=None, envvar=env, help=HELP[name] + per_model)
         else:
             kind = {int: int, float: float, str: str}.get(type(field.default), float)
             opt = click.option(flag, type=kind, default=field.default, envvar=env, show_default=True, help=HELP[name])

@@ -26,16 +26,6 @@ from verifiers.tasks import Task, TaskError, build_task, heldout_refs, parse_tas
 
 log = logging.getLogger("swarm_node.learner")
 
-# Per-model defaults where one size does not fit all: the tiny model answers in ~5 tokens and, being tiny, tolerates
-# (needs) a larger learning rate than a 0.5B model does.
-TINY_DEFAULTS = {"max_new_tokens": 8, "learning_rate": 1e-4}
-LM_DEFAULTS = {"max_new_tokens": 512, "learning_rate": 1e-6}
-
-
-def model_defaults(model: str) -> dict[str, float]:
-    return TINY_DEFAULTS if model == "tiny" else LM_DEFAULTS
-
-
 @dataclass(frozen=True)
 class ScoredGroup:
     """One question's completions, tokenized for this node's policy and scored by this node's verifier."""
@@ -81,7 +71,6 @@ def choose_training_groups(
 
 class Learner:
     def __init__(self, policy: Policy, cfg: NodeConfig, rng: random.Random) -> None:
-        defaults = model_defaults(cfg.model)
         self.policy = policy
         self.cfg = cfg
         self.rng = rng
@@ -90,11 +79,11 @@ class Learner:
         self.sampling = SamplingConfig(
             temperature=cfg.temperature,
             top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens or int(defaults["max_new_tokens"]),
+            max_new_tokens=cfg.max_new_tokens,
             micro_batch=cfg.gen_micro_batch,
         )
         self.grpo = GRPOConfig(
-            learning_rate=cfg.learning_rate or defaults["learning_rate"],
+            learning_rate=cfg.learning_rate,
             epsilon=cfg.epsilon,
             epsilon_high=cfg.epsilon_high,
             delta=cfg.delta,

@@ -43,12 +43,13 @@ async def run_round(node: "NodeRuntime", r: int) -> dict[str, Any]:
         "peers": node.peer_count(),
         "rollouts_out": shared,
         "rollouts_in": node.take_inbound_count(),
+        "frac_zero_std": sum(not g.has_signal for g in local) / len(local),  # own groups with nothing to learn
         "external_candidates": len(pooled),
         "external_useful": sum(g.has_signal for g in external),
         "gen_s": round(t_gen - t0, 4),
         "train_s": round(t_done - t_train, 4),
         "net_wait_s": round(net_wait, 6),
-        **{k: v for k, v in stats.items() if k not in ("n_local", "n_external")},
+        **{k: v for k, v in stats.items() if k not in ("n_local", "n_external", "frac_zero_std")},
     }
     if cfg.eval_every and (r + 1) % cfg.eval_every == 0:
         metrics["heldout_acc"] = await trio.to_thread.run_sync(learner.evaluate, cfg.eval_size)

@@ -22,9 +22,13 @@ def test_help_lists_commands():
 
 
 def test_defaults_follow_the_paper():
-    cfg = resolved([])
+    cfg = resolved(["--model", "qwen-0.5b"])
     assert (cfg["local"], cfg["external"], cfg["group_size"], cfg["questions_per_round"]) == (4, 4, 8, 8)
     assert (cfg["beta"], cfg["epsilon"], cfg["epsilon_high"]) == (0.0, 0.2, 0.28)
+    # the tiny model keeps the 4/4 ratio at a batch it learns from (see node.config.MODEL_DEFAULTS)
+    tiny = resolved([])
+    assert (tiny["local"], tiny["external"], tiny["questions_per_round"]) == (16, 16, 32)
+    assert resolved(["--local", "6", "--external", "2"])["external"] == 2  # a flag still wins
 
 
 def test_precedence_flag_over_env_over_file(tmp_path):
