@@ -27,7 +27,7 @@ def setup_logging(cfg: NodeConfig, peer_hint: str = "node") -> Path:
     root.handlers[:] = [file_handler, err]
     root.setLevel(logging.INFO)
     root.propagate = False
-    for name in ("swarm", "protocol"):  # the layers below log under their own names
+    for name in ("node", "swarm", "protocol"):  # modules that log under their own names
         lg = logging.getLogger(name)
         lg.handlers[:] = [file_handler, err]
         lg.setLevel(logging.INFO)

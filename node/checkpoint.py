@@ -131,11 +131,22 @@ def _prune(root: Path, *, keep: int, current: Path) -> None:
         kept.add(path)
     for _, path in rounds:
         if path not in kept:
-            shutil.rmtree(path, ignore_errors=True)
+            _discard(path, root)
     # Leftovers of crashed saves (single writer per directory, so none of these is in progress).
     for p in root.iterdir():
         if p.is_dir() and (p.name.startswith(_TMP_PREFIX) or p.name.startswith(_TRASH_PREFIX)):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _discard(path: Path, root: Path) -> None:
+    """Remove a checkpoint without ever leaving a half-deleted `round-*` directory behind (a process killed inside
+    rmtree would): it leaves the `round-*` namespace by one rename first, and a leftover `.trash-*` is swept later."""
+    trash = root / f"{_TRASH_PREFIX}{path.name[len('round-'):]}-{secrets.token_hex(4)}"
+    try:
+        os.rename(path, trash)
+    except OSError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _alias_map(sd: dict[str, torch.Tensor]) -> dict[str, str]:

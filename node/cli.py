@@ -64,10 +64,11 @@ HELP = {
     "identity": "Identity key file (default: <data dir>/identity.key; created if missing).",
     "status_port": "Serve JSON status on 127.0.0.1:PORT (0 = off).",
     "offline": "Do not join any mesh: plain single-node RL.",
+    "mdns": "Also find peers on the local network by mDNS (multicast; off by default).",
     "min_peers": "Wait for this many peers before the first round (0 = start at once).",
     "peer_wait_s": "Longest wait for --min-peers before training alone.",
 }
-FLAGS = {"resume", "offline"}  # presence flags
+FLAGS = {"resume", "offline", "mdns"}  # presence flags
 OPTIONAL_TYPES = {"local": int, "external": int, "questions_per_round": int, "max_external_per_peer": int,
              "max_new_tokens": int, "learning_rate": float, "delta": float}
 TOGGLES = {"mask_truncated_completions", "offpolicy_mask"}  # --x/--no-x

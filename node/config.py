@@ -102,6 +102,7 @@ class NodeConfig:
     min_peers: int = 0  # wait for this many peers before the first round (experiments that start together)
     peer_wait_s: float = 60.0  # ... but no longer than this; then train alone
     offline: bool = False  # no mesh at all: plain single-node RL
+    mdns: bool = False  # also discover peers on the LAN by multicast DNS
 
     def __post_init__(self) -> None:
         for name, value in model_defaults(self.model).items():

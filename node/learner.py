@@ -146,8 +146,10 @@ class Learner:
                 self.rejected["group_too_small"] += 1
                 continue
             prompt = self._prompt(task)
+            # a peer's group counts like one of ours: no more completions than our own group size
+            texts = rollout.completions[: self.cfg.group_size]
             ids, truncated = [], []
-            for text in rollout.completions:
+            for text in texts:
                 toks = self.policy.tokenizer(text, add_special_tokens=False)["input_ids"]
                 # A shared completion is a finished answer: it ends with our EOS unless it exceeds our length budget.
                 truncated.append(len(toks) >= limit + 1)
@@ -156,10 +158,10 @@ class Learner:
                 ScoredGroup(
                     ref=task.ref,
                     prompt_ids=self._prompt_ids(prompt),
-                    completions=tuple(rollout.completions),
+                    completions=tuple(texts),
                     completion_ids=tuple(ids),
                     truncated=tuple(truncated),
-                    rewards=tuple(reward(task, text, self.reward_policy) for text in rollout.completions),
+                    rewards=tuple(reward(task, text, self.reward_policy) for text in texts),
                     source=sender,
                 )
             )

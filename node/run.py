@@ -71,10 +71,12 @@ class NodeRuntime:
         log.info("resumed from %s (next round %d)", path, self.round)
         return self.last_saved
 
-    async def checkpoint(self, r: int) -> None:
+    async def checkpoint(self, r: int, latest: dict[str, Any] | None = None) -> None:
+        """Saves round r; `latest` is round r's metrics when they are not in the history yet."""
         if self.last_saved == r:
             return
-        extra = {"history": list(self.history)[-100:]}
+        history = list(self.history) + ([latest] if latest is not None else [])
+        extra = {"history": _jsonable_rows(history[-100:])}
         await trio.to_thread.run_sync(
             lambda: save_checkpoint(
                 self.checkpoint_dir, round=r, model=self.policy.model, optimizer=self.learner.trainer.optimizer,
@@ -177,7 +179,7 @@ class NodeRuntime:
                     self.identity,
                     MeshConfig(
                         swarm=self.cfg.swarm, listen=self.cfg.listen, bootstrap=tuple(self.cfg.bootstrap),
-                        max_age_s=self.cfg.max_staleness_s,
+                        max_age_s=self.cfg.max_staleness_s, mdns=self.cfg.mdns,
                     ),
                 )
                 await nursery.start(self.mesh.run)
@@ -223,6 +225,10 @@ class NodeRuntime:
         finally:
             if metrics_file is not None:
                 metrics_file.close()
+
+
+def _jsonable_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [_jsonable(m) for m in rows]
 
 
 def _jsonable(m: dict[str, Any]) -> dict[str, Any]:

@@ -1,8 +1,11 @@
 """Real `swarm-node join` processes over the real py-libp2p mesh on loopback (the swarm issue's four scenarios)."""
 from __future__ import annotations
 
+import json
 import secrets
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -45,6 +48,24 @@ def test_three_nodes_find_each_other_and_train_on_external_groups(swarm):
         s = n.status()
         others = {x.identity.peer_id for x in trio_nodes} - {n.identity.peer_id}
         assert set(s["received_from"]) >= others  # rollouts from both other nodes reached the pool
+
+
+def test_status_command_shows_live_nodes(swarm):
+    a, b = swarm["a"], swarm["b"]
+    res = subprocess.run([sys.executable, "-m", "node.cli", "status", str(a.status_port), str(b.status_port)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    for n in (a, b):
+        assert n.identity.peer_id in res.stdout
+    assert res.stdout.count("round ") >= 2 and "peers    2" in res.stdout
+    raw = subprocess.run([sys.executable, "-m", "node.cli", "status", "--json", str(a.status_port)],
+                         capture_output=True, text=True, timeout=60)
+    doc = json.loads(raw.stdout)
+    for key in ("peer_id", "listen_addrs", "peers", "round", "reward_history", "pool", "rejections", "throughput"):
+        assert key in doc
+    assert any(addr.endswith("/p2p/" + a.identity.peer_id) for addr in doc["listen_addrs"])
+    dead = subprocess.run([sys.executable, "-m", "node.cli", "status", "1"], capture_output=True, text=True, timeout=60)
+    assert dead.returncode == 1 and "no swarm-node answered" in dead.stderr and "Traceback" not in dead.stderr
 
 
 def test_a_fourth_node_via_node_three_gets_node_ones_rollouts(swarm):

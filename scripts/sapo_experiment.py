@@ -1,0 +1,418 @@
+#!/usr/bin/env python3
+"""Does sharing pay? The SAPO paper's local/external sweep, run on a real local swarm of the embedded tiny model.
+
+    python scripts/sapo_experiment.py --nodes 4 --rounds 60 --configs 8/0,6/2,4/4,2/6 --seeds 2 --out runs/sapo
+
+For every seed and every config "a/b" this starts the same swarm — N real `swarm-node join` processes on loopback
+(node.simulate's machinery: node 0 is the seed the others bootstrap to, --min-peers N-1 so they start together,
+--threads 1 each, a fresh swarm name per run) — and reads each node's metrics JSONL. Only --local/--external change
+between configs: in "8/0" the nodes are still the same processes in the same mesh, sharing their rollouts, they just
+train on none of their peers' (J = 0). Node i of seed s runs with --seed 1000*s + i in every config.
+
+The paper's ratio a/b (I + J = 8 groups of 8 completions per round, 8 questions per round) is mapped onto the tiny
+model's batch by a scale factor K (--scale, default 4): --local a*K --external b*K --questions-per-round (a+b)*K, so
+8/0 -> 32/0, 6/2 -> 24/8, 4/4 -> 16/16, 2/6 -> 8/24, all with 32 questions a round (the tiny model learns measurably
+only with ~32 groups a step; see node/config.py MODEL_DEFAULTS).
+
+Writes DIR/results.json (per config, seed, node and round: reward, held-out accuracy, groups used), DIR/results.md (the
+paper-style table: cumulative reward, final held-out accuracy, rounds to reach the 8/0 config's final held-out accuracy,
+each as a ratio to 8/0) and DIR/curves.png. --report-only rebuilds the three files from the runs already in DIR.
+Extra node flags go after `--`, e.g. `-- --max-staleness-s 60` (applied to every node of every config).
+
+Measurement fix (training untouched): node/round.py builds the round's metrics as {"reward_mean": <own rollouts>, ...,
+**trainer stats}, and GRPOTrainer.train_step's stats carry their own "reward_mean" (the mean over the groups it trained
+on: own groups with signal + peers' groups), which overwrites the own-rollout reward. So each node here is started as
+`python scripts/sapo_experiment.py _node join ...`, which renames that trainer stat to "batch_reward_mean" and then runs
+node.cli's `join` unchanged; "reward_mean" in the metrics is then the mean reward of the node's own sampled rollouts.
+--no-reward-fix starts plain `python -m node.cli join` instead (reward_mean = training-batch reward).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import secrets
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from node.simulate import read_metrics, run_simulation  # noqa: E402
+
+KEEP = ("round", "reward_mean", "train_reward_mean", "n_local", "n_external", "external_candidates",
+        "external_useful", "frac_zero_std", "rollouts_in", "peers", "wall_s", "heldout_acc")
+BASELINE = "8/0"
+
+
+def _node_main(argv: list[str]) -> None:
+    """A `swarm-node` process whose trainer stat "reward_mean" is renamed so it cannot overwrite the own-rollout one."""
+    import functools
+
+    from node import grpo
+
+    orig = grpo.GRPOTrainer.train_step
+
+    @functools.wraps(orig)
+    def train_step(self, groups):  # type: ignore[no-untyped-def]
+        stats = orig(self, groups)
+        if "reward_mean" in stats:
+            stats["batch_reward_mean"] = stats.pop("reward_mean")
+        return stats
+
+    grpo.GRPOTrainer.train_step = train_step
+    from node.cli import main as cli_main
+
+    cli_main(args=argv, prog_name="swarm-node")
+
+
+def _use_reward_fix() -> None:
+    """Makes node.simulate start each node through _node_main (same flags, same processes, same mesh)."""
+    import node.simulate as sim
+
+    orig = sim.node_command
+
+    def node_command(*a, **kw):  # type: ignore[no-untyped-def]
+        cmd = orig(*a, **kw)
+        assert cmd[1:3] == ["-m", "node.cli"], cmd[:3]
+        return [cmd[0], str(Path(__file__).resolve()), "_node", *cmd[3:]]
+
+    sim.node_command = node_command
+
+
+def parse_configs(spec: str) -> list[tuple[int, int]]:
+    out = []
+    for part in spec.split(","):
+        a, _, b = part.strip().partition("/")
+        if not a.isdigit() or not b.isdigit() or int(a) + int(b) == 0:
+            raise SystemExit(f"bad config {part!r}: expected local/external such as 4/4")
+        out.append((int(a), int(b)))
+    return out
+
+
+def cname(c: tuple[int, int]) -> str:
+    return f"{c[0]}/{c[1]}"
+
+
+def run_dir(out: Path, c: tuple[int, int], seed: int) -> Path:
+    return out / "runs" / f"{c[0]}-{c[1]}_seed{seed}"
+
+
+def run_one(args: argparse.Namespace, c: tuple[int, int], seed: int, node_args: list[str]) -> dict[str, Any]:
+    d = run_dir(Path(args.out), c, seed)
+    if d.exists():
+        shutil.rmtree(d)  # a fresh run: no old metrics, identities or checkpoints
+    d.mkdir(parents=True)
+    k = args.scale
+    local_, external, questions = c[0] * k, c[1] * k, (c[0] + c[1]) * k
+    swarm = f"sapo-{c[0]}-{c[1]}-s{seed}-{secrets.token_hex(3)}"
+    extra = ("--questions-per-round", str(questions), "--eval-size", str(args.eval_size),
+             "--checkpoint-every", str(max(1, args.rounds)), "--keep-checkpoints", "1", *node_args)
+    t0 = time.time()
+    with open(d / "simulate.log", "w") as log, contextlib.redirect_stdout(log):
+        rc = run_simulation(nodes=args.nodes, rounds=args.rounds, model="tiny", local_=local_, external=external,
+                            out=str(d), swarm=swarm, seed=1000 * seed, base_port=0, eval_every=args.eval_every,
+                            extra=extra)
+    wall = time.time() - t0
+    for i in range(args.nodes):  # checkpoints are not part of the result and cost ~12 MB per node
+        shutil.rmtree(d / f"node-{i}" / "checkpoints", ignore_errors=True)
+    meta = {"config": cname(c), "seed": seed, "swarm": swarm, "rc": rc, "wall_s": round(wall, 1), "local": local_,
+            "external": external, "questions_per_round": questions, "node_seeds": [1000 * seed + i for i in range(args.nodes)]}
+    (d / "run.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def load_run(out: Path, c: tuple[int, int], seed: int, n_nodes: int) -> dict[str, Any] | None:
+    d = run_dir(out, c, seed)
+    if not (d / "run.json").exists():
+        return None
+    meta = json.loads((d / "run.json").read_text())
+    nodes = []
+    for i in range(n_nodes):
+        rows = read_metrics(d / f"node-{i}" / "metrics.jsonl")
+        nodes.append([{k: r[k] for k in KEEP if k in r} for r in rows])
+    return {**meta, "nodes": nodes}
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _sd(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.stdev(xs) if len(xs) > 1 else None
+
+
+def run_stats(run: dict[str, Any], rounds: int) -> dict[str, Any]:
+    """Per run: cumulative reward, per-round node-mean reward, node-mean held-out curve, final held-out accuracy."""
+    nodes = run["nodes"]
+    cum = sum(r["reward_mean"] for rows in nodes for r in rows)
+    cum_batch = sum(r.get("train_reward_mean", 0.0) for rows in nodes for r in rows)
+    per_round = [_mean([rows[t]["reward_mean"] for rows in nodes if len(rows) > t]) for t in range(rounds)]
+    ho_rounds = sorted({r["round"] for rows in nodes for r in rows if "heldout_acc" in r})
+    ho = [[t + 1, _mean([r["heldout_acc"] for rows in nodes for r in rows if r["round"] == t and "heldout_acc" in r])]
+          for t in ho_rounds]
+    finals = [next((r["heldout_acc"] for r in reversed(rows) if "heldout_acc" in r), None) for rows in nodes]
+    n_ext = sum(r.get("n_external", 0) for rows in nodes for r in rows)
+    n_loc = sum(r.get("n_local", 0) for rows in nodes for r in rows)
+    return {
+        "rounds_done": [len(rows) for rows in nodes],
+        "cumulative_reward": cum,
+        "cumulative_batch_reward": cum_batch,
+        "reward_per_round": per_round,
+        "heldout_curve": ho,  # [rounds trained, mean over nodes]
+        "final_heldout": _mean(finals),
+        "final_heldout_per_node": finals,
+        "external_share": n_ext / max(1, n_ext + n_loc),
+        "groups_trained_per_round": (n_ext + n_loc) / max(1, sum(len(rows) for rows in nodes)),
+        "frac_zero_std": _mean([r.get("frac_zero_std") for rows in nodes for r in rows]),
+        "wall_s": run.get("wall_s"),
+        "rc": run.get("rc"),
+    }
+
+
+def first_reach(curve: list[list[float]], target: float | None) -> int | None:
+    if target is None:
+        return None
+    return next((t for t, acc in curve if acc is not None and acc >= target - 1e-9), None)
+
+
+def aggregate(args: argparse.Namespace, configs: list[tuple[int, int]], seeds: list[int]) -> dict[str, Any]:
+    out = Path(args.out)
+    per: dict[str, dict[int, dict[str, Any]]] = {}
+    raw: dict[str, dict[int, Any]] = {}
+    for c in configs:
+        for s in seeds:
+            run = load_run(out, c, s, args.nodes)
+            if run is None:
+                continue
+            raw.setdefault(cname(c), {})[s] = run
+            per.setdefault(cname(c), {})[s] = run_stats(run, args.rounds)
+    base = per.get(BASELINE, {})
+    summary: dict[str, Any] = {}
+    # the target: the 8/0 config's final held-out accuracy (mean over nodes, then over seeds)
+    target = _mean([st["final_heldout"] for st in base.values()])
+    for name, runs in per.items():
+        cums = [st["cumulative_reward"] for st in runs.values()]
+        finals = [st["final_heldout"] for st in runs.values()]
+        # the mean held-out curve over seeds (evaluations happen at the same rounds in every run)
+        by_t: dict[int, list[float]] = {}
+        for st in runs.values():
+            for t, acc in st["heldout_curve"]:
+                by_t.setdefault(t, []).append(acc)
+        curve = [[t, _mean(v)] for t, v in sorted(by_t.items())]
+        per_seed_reach = {s: first_reach(st["heldout_curve"], base[s]["final_heldout"] if s in base else None)
+                          for s, st in runs.items()}
+        summary[name] = {
+            "seeds": sorted(runs),
+            "cumulative_reward": _mean(cums), "cumulative_reward_sd": _sd(cums), "cumulative_reward_per_seed": cums,
+            "final_heldout": _mean(finals), "final_heldout_sd": _sd(finals), "final_heldout_per_seed": finals,
+            "heldout_curve": curve,
+            "rounds_to_target": first_reach(curve, target),
+            "rounds_to_target_per_seed": per_seed_reach,
+            "reward_per_round": [_mean([st["reward_per_round"][t] for st in runs.values()]) for t in range(args.rounds)],
+            "cumulative_batch_reward": _mean([st["cumulative_batch_reward"] for st in runs.values()]),
+            "external_share": _mean([st["external_share"] for st in runs.values()]),
+            "groups_trained_per_round": _mean([st["groups_trained_per_round"] for st in runs.values()]),
+            "frac_zero_std": _mean([st["frac_zero_std"] for st in runs.values()]),
+            "wall_s": [st["wall_s"] for st in runs.values()],
+            "exit_codes": [st["rc"] for st in runs.values()],
+        }
+    b = summary.get(BASELINE)
+    for name, s in summary.items():
+        if b:
+            s["cumulative_reward_vs_8_0"] = s["cumulative_reward"] / b["cumulative_reward"] if b["cumulative_reward"] else None
+            s["final_heldout_vs_8_0"] = (s["final_heldout"] / b["final_heldout"]
+                                         if s["final_heldout"] is not None and b["final_heldout"] else None)
+            s["rounds_to_target_vs_rounds"] = s["rounds_to_target"] / args.rounds if s["rounds_to_target"] else None
+    return {"target_heldout": target, "configs": summary, "per_run": per, "raw": raw}
+
+
+def write_report(args: argparse.Namespace, res: dict[str, Any], command: str, machine: str) -> None:
+    out = Path(args.out)
+    summ = res["configs"]
+    k = args.scale
+    lines = [
+        "# SAPO local/external sweep on the embedded tiny model",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {machine}",
+        "",
+        f"{args.nodes} real `swarm-node join` processes per run on loopback (one libp2p mesh, --threads 1 each), "
+        f"{args.rounds} rounds, seeds {', '.join(map(str, res['seeds']))}; node i of seed s runs with --seed 1000*s+i "
+        f"in every config. Config a/b -> --local {k}a --external {k}b --questions-per-round {k}(a+b) (scale {k}), "
+        f"group size 8. In 8/0 the same processes share in the same mesh but train on none of their peers' groups. "
+        f"Held-out: greedy accuracy on a fixed set of {args.eval_size} held-out 2-digit additions, every "
+        f"{args.eval_every} rounds."
+        + (" Extra node flags: `" + " ".join(res["node_args"]) + "`." if res["node_args"] else ""),
+        "",
+        ("Reward = mean reward of each node's own sampled rollouts (its 32 questions × 8 completions), measured with the "
+         "metrics fix described in scripts/sapo_experiment.py (node/round.py lets the trainer's training-batch "
+         "`reward_mean` overwrite the own-rollout one; training is unchanged)." if not args.no_reward_fix else
+         "Reward = the node's metrics `reward_mean` as it stands (the trainer's training-batch mean, not the own rollouts)."),
+        "",
+        "| local / external (node flags) | cumulative reward | vs 8/0 | final held-out acc | vs 8/0 | "
+        f"rounds to reach 8/0's final held-out ({res['target_heldout']:.3f}) | / {args.rounds} rounds |"
+        if res["target_heldout"] is not None else "| config | cumulative reward | vs 8/0 | final held-out | vs 8/0 | rounds to target | / rounds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def f(x: Any, fmt: str = "{:.3f}") -> str:
+        return "—" if x is None else fmt.format(x)
+
+    for name, s in summ.items():
+        a, b = map(int, name.split("/"))
+        sd = f" ± {s['cumulative_reward_sd']:.1f}" if s["cumulative_reward_sd"] is not None else ""
+        hsd = f" ± {s['final_heldout_sd']:.3f}" if s["final_heldout_sd"] is not None else ""
+        reach = s["rounds_to_target"]
+        lines.append(
+            f"| {name} ({a * k}/{b * k}) | {s['cumulative_reward']:.1f}{sd} | {f(s.get('cumulative_reward_vs_8_0'), '{:.2f}x')} "
+            f"| {f(s['final_heldout'])}{hsd} | {f(s.get('final_heldout_vs_8_0'), '{:.2f}x')} "
+            f"| {reach if reach is not None else f'not reached in {args.rounds}'} "
+            f"| {f(s.get('rounds_to_target_vs_rounds'), '{:.2f}')} |"
+        )
+    lines += [
+        "",
+        "Cumulative reward = sum over nodes and rounds of each node's mean reward on its own sampled rollouts "
+        "(mean ± sd over seeds). Final held-out = mean over nodes of the last evaluation (mean ± sd over seeds). "
+        "Rounds to reach = first evaluation at which the seed-mean, node-mean held-out curve is at or above the 8/0 "
+        "config's final held-out accuracy.",
+        "",
+        "Paper's goal (8 × Qwen2.5-0.5B, 2000 rounds): 4/4 has 1.94x the cumulative reward of 8/0 "
+        "(1093.31 vs 561.79); here also: 4/4 reaching 8/0's final held-out accuracy in at most half the rounds.",
+        "",
+        "| config | external share of trained groups | groups trained / round | own groups with zero advantage "
+        "| cumulative training-batch reward | run wall time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in summ.items():
+        lines.append(f"| {name} | {s['external_share']:.2f} | {s['groups_trained_per_round']:.1f} | "
+                     f"{f(s['frac_zero_std'], '{:.2f}')} | {f(s['cumulative_batch_reward'], '{:.1f}')} | {', '.join(f(w, '{:.0f}') for w in s['wall_s'])} |")
+    lines += ["", "Per seed (cumulative reward / final held-out):", ""]
+    for name, s in summ.items():
+        pairs = ", ".join(f"seed {sd}: {c:.1f} / {f(h)}" for sd, c, h in
+                          zip(s["seeds"], s["cumulative_reward_per_seed"], s["final_heldout_per_seed"]))
+        lines.append(f"- {name}: {pairs}")
+    lines += ["", "![curves](curves.png)", ""]
+    (out / "results.md").write_text("\n".join(lines))
+
+
+def plot(args: argparse.Namespace, res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, s in res["configs"].items():
+        ys = s["reward_per_round"]
+        xs = [t + 1 for t, y in enumerate(ys) if y is not None]
+        ys = [y for y in ys if y is not None]
+        w = 5
+        sm = [sum(ys[max(0, j - w + 1): j + 1]) / len(ys[max(0, j - w + 1): j + 1]) for j in range(len(ys))]
+        (line,) = ax1.plot(xs, sm, label=name)
+        ax1.plot(xs, ys, color=line.get_color(), alpha=0.2, lw=0.8)
+        cv = s["heldout_curve"]
+        ax2.plot([t for t, _ in cv], [a for _, a in cv], marker="o", ms=3, label=name, color=line.get_color())
+    if res["target_heldout"] is not None:
+        ax2.axhline(res["target_heldout"], color="grey", ls="--", lw=0.8, label="8/0 final")
+    ax1.set(xlabel="round", ylabel="mean reward of own rollouts (nodes × seeds; 5-round avg)",
+            title=f"training reward, {args.nodes} nodes")
+    ax2.set(xlabel="rounds trained", ylabel="held-out greedy accuracy (mean over nodes × seeds)",
+            title="held-out accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(title="local/external")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine_line() -> str:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import torch
+
+    return (f"{os.cpu_count()} CPU cores ({cpu or platform.processor()}), {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}; CPU only")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_node"]:
+        _node_main(argv[1:])
+        return 0
+    node_args: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, node_args = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nodes", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=60)
+    p.add_argument("--configs", default="8/0,6/2,4/4,2/6")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds (0..S-1); each runs every config")
+    p.add_argument("--scale", type=int, default=4, help="groups per paper group: a/b -> --local a*K --external b*K")
+    p.add_argument("--eval-every", type=int, default=5)
+    p.add_argument("--eval-size", type=int, default=200)
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-reward-fix", action="store_true",
+                   help="start plain `python -m node.cli join` (its reward_mean is the training-batch reward)")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from runs already in --out")
+    args = p.parse_args(argv)
+    configs = parse_configs(args.configs)
+    if BASELINE not in [cname(c) for c in configs]:
+        print(f"note: no {BASELINE} config, so no ratios", file=sys.stderr)
+    seeds = list(range(args.seeds))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python scripts/sapo_experiment.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if not args.no_reward_fix:
+        _use_reward_fix()
+    if not args.report_only:
+        t0 = time.time()
+        # seed-major order: every config of a seed runs back to back, so load from other work on the machine
+        # spreads over configs instead of hitting one
+        for s in seeds:
+            for c in configs:
+                t1 = time.time()
+                print(f"[{time.time() - t0:7.0f}s] seed {s} config {cname(c)}: {args.nodes} nodes x {args.rounds} rounds",
+                      flush=True)
+                meta = run_one(args, c, s, node_args)
+                run = load_run(out, c, s, args.nodes)
+                st = run_stats(run, args.rounds)
+                print(f"    done in {time.time() - t1:.0f}s rc={meta['rc']} rounds={st['rounds_done']} "
+                      f"cumulative reward {st['cumulative_reward']:.1f} final held-out {st['final_heldout']} "
+                      f"external share {st['external_share']:.2f}", flush=True)
+        (out / "command.txt").write_text(command + "\n")
+    elif (out / "command.txt").exists():
+        command = (out / "command.txt").read_text().strip()
+    res = aggregate(args, configs, seeds)
+    res["seeds"] = seeds
+    res["node_args"] = node_args
+    machine = machine_line()
+    write_report(args, res, command, machine)
+    plot(args, res, out / "curves.png")
+    doc = {"command": command, "machine": machine, "nodes": args.nodes, "rounds": args.rounds, "scale": args.scale,
+           "eval_every": args.eval_every, "eval_size": args.eval_size, "node_args": node_args, "seeds": seeds,
+           "target_heldout": res["target_heldout"], "configs": res["configs"], "per_run": res["per_run"],
+           "raw": res["raw"]}
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
+    print((out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Byzantine peers (swarm.byzantine) against two real `swarm-node join` processes over the real py-libp2p mesh.
+
+One attack phase (all modes at once, each from its own identity, in this process) feeds every test below: honest
+nodes accept no forged / replayed / cross-swarm / wrong-version message, count each rejection by reason, drop unknown
+tasks at rescoring, rescore false rewards to 0, ban the peers that send invalid messages, and keep training.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+
+import pytest
+import trio
+
+from protocol.messages import Rollout
+from swarm.byzantine import ByzantinePeer
+from tests.join_procs import make_nodes, wait_for
+from verifiers.rewards import reward
+from verifiers.tasks import TaskError, build_task
+
+pytestmark = pytest.mark.slow
+SWARM = "byz-" + secrets.token_hex(3)
+ATTACK_S = 20.0
+# Modes whose messages are invalid on the wire: each must end in a ban by the node it reaches.
+BANNED_MODES = ("flood", "oversized", "forged", "replay", "bad_version", "malformed_frames")
+PAYLOAD_MODES = ("false_rewards", "wrong_answers", "garbage", "unknown_tasks")
+
+
+@pytest.fixture(scope="module")
+def attacked(tmp_path_factory):
+    a, b = make_nodes(tmp_path_factory.mktemp("byz"), ["a", "b"])
+    a.start(SWARM)
+    wait_for(a.status, 60, "node a's status server", [a])
+    b.start(SWARM, [a.addr])
+    nodes = [a, b]
+    try:
+        for n in nodes:
+            wait_for(lambda: (n.status() or {}).get("peers") and n.status()["round"] >= 2, 60,
+                     f"{n.name} to find its peer and train", nodes)
+        before = {n.name: n.status() for n in nodes}
+        t0 = time.monotonic()
+        peers = {m: ByzantinePeer(m, SWARM, [a.addr], seed=i, rate=2.0)
+                 for i, m in enumerate(BANNED_MODES + PAYLOAD_MODES)}
+
+        async def attack() -> None:
+            async with trio.open_nursery() as nursery:
+                for p in peers.values():
+                    nursery.start_soon(p.run, ATTACK_S)
+
+        trio.run(attack)
+        attack_s = time.monotonic() - t0
+        # a few more rounds so the pool's last byzantine groups get drawn and rescored
+        for n in nodes:
+            r = n.status()["round"]
+            wait_for(lambda: n.status()["round"] >= r + 3, 30, f"{n.name} to keep training", nodes)
+        after = {n.name: n.status() for n in nodes}
+        yield {"nodes": nodes, "before": before, "after": after, "peers": peers, "attack_s": attack_s}
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_every_mode_sent_messages(attacked):
+    for mode, p in attacked["peers"].items():
+        assert sum(p.sent.values()) > 0, (mode, p.report())
+    assert attacked["attack_s"] < ATTACK_S + 45
+
+
+def test_invalid_messages_are_rejected_by_reason_and_never_accepted(attacked):
+    a = attacked["after"]["a"]
+    rej = a["mesh"]["rejections_by_reason"]
+    for reason in ("size", "decode", "signature", "sender", "swarm", "version", "stale", "replay", "rate"):
+        assert rej[reason] >= 1, (reason, rej)
+    peers = attacked["peers"]
+    forged = set(peers["forged"].forged_senders)
+    assert forged
+    for name, s in attacked["after"].items():
+        received = s["received_from"]
+        # nothing signed by a forged sender, and nothing at all from peers that only ever sent invalid messages
+        assert not forged & set(received), name
+        for mode in ("forged", "oversized", "bad_version", "malformed_frames"):
+            assert received.get(peers[mode].peer_id, 0) == 0, (name, mode, received)
+        # the replay peer's one original batch (1 group) may count once; none of its replays
+        assert received.get(peers["replay"].peer_id, 0) <= 1, (name, received)
+    assert a["mesh"]["bad_frames"] >= 1
+
+
+def test_invalid_peers_are_banned(attacked):
+    a = attacked["after"]["a"]
+    banned = a["mesh"]["banned"]
+    for mode in BANNED_MODES:
+        assert attacked["peers"][mode].peer_id in banned, (mode, a["mesh"]["strikes_total"], banned)
+    # the peers that speak the protocol correctly are not banned (their payloads are judged at rescoring)
+    for mode in PAYLOAD_MODES:
+        assert attacked["peers"][mode].peer_id not in banned, mode
+    # a ban stops the cost: the flood peer got at most a burst (60) + a few refills accepted before its strikes
+    flood = attacked["peers"]["flood"]
+    assert sum(flood.sent.values()) > 200
+    assert a["received_from"].get(flood.peer_id, 0) < 150
+
+
+def test_unknown_tasks_are_dropped_at_rescoring(attacked):
+    total = sum(s["rejections"].get("rescore:unknown_task", 0) for s in attacked["after"].values())
+    assert total > 0, {n: s["rejections"] for n, s in attacked["after"].items()}
+
+
+def test_false_rewards_are_rescored_to_zero(attacked):
+    for mode in ("false_rewards", "wrong_answers"):
+        p = attacked["peers"][mode]
+        # the groups reached the honest nodes' pools...
+        assert any(s["received_from"].get(p.peer_id, 0) > 0 for s in attacked["after"].values()), mode
+        # ... and the receiver's verifier (what node.learner.Learner.rescore calls) gives every completion 0
+        assert p.rollouts
+        claimed = [x for g in p.rollouts for x in (g.rewards or ())]
+        assert mode != "false_rewards" or (claimed and min(claimed) == 1.0)
+        assert all(reward(build_task(g.task), c) == 0.0 for g in p.rollouts for c in g.completions), mode
+
+
+def test_garbage_rescoring_never_raises(attacked):
+    groups: list[Rollout] = attacked["peers"]["garbage"].rollouts
+    assert groups
+    for g in groups:
+        try:
+            task = build_task(g.task)
+        except TaskError:
+            continue
+        assert all(reward(task, c) == 0.0 for c in g.completions)
+
+
+def test_honest_nodes_keep_training_and_stay_connected(attacked):
+    a, b = attacked["nodes"]
+    for n in (a, b):
+        assert n.alive(), n.output()
+        before, after = attacked["before"][n.name], attacked["after"][n.name]
+        assert after["round"] >= before["round"] + 5, (n.name, before["round"], after["round"])
+        assert after["received_from"].get((b if n is a else a).identity.peer_id, 0) > 0
+    assert b.identity.peer_id in attacked["after"]["a"]["peers"]
+    assert b.identity.peer_id not in attacked["after"]["a"]["mesh"]["banned"]
+    assert a.identity.peer_id not in attacked["after"]["b"]["mesh"]["banned"]
