@@ -33,6 +33,9 @@ async def run_round(node: "NodeRuntime", r: int) -> dict[str, Any]:
     stats = await trio.to_thread.run_sync(learner.train, own + ext)
     t_done = time.monotonic()
 
+    # the trainer's reward figures describe the training batch, which leaves out zero-advantage groups
+    trained = {k: v for k, v in stats.items() if k not in ("n_local", "n_external", "frac_zero_std", "reward_mean")}
+    trained["train_reward_std"] = trained.pop("reward_std", 0.0)
     rewards = [x for g in local for x in g.rewards]
     metrics: dict[str, Any] = {
         "round": r,
@@ -49,7 +52,7 @@ async def run_round(node: "NodeRuntime", r: int) -> dict[str, Any]:
         "gen_s": round(t_gen - t0, 4),
         "train_s": round(t_done - t_train, 4),
         "net_wait_s": round(net_wait, 6),
-        **{k: v for k, v in stats.items() if k not in ("n_local", "n_external", "frac_zero_std")},
+        **trained,
     }
     if cfg.eval_every and (r + 1) % cfg.eval_every == 0:
         metrics["heldout_acc"] = await trio.to_thread.run_sync(learner.evaluate, cfg.eval_size)
