@@ -416,7 +416,11 @@ class Mesh:
         log.warning("banning peer %s for %.0f s (%s)", peer, self.config.ban_s, why)
         pid = ID.from_base58(peer)
         try:
-            self._pubsub.add_to_blacklist(pid)  # drops its messages and its pubsub stream
+            # Drops its messages and refuses its new pubsub streams. Not add_to_blacklist(): its teardown task resets
+            # the stream and then does `del self.peers[pid]`, which raises KeyError when the stream's reader removed the
+            # peer first (_handle_dead_peer) and that error in a pubsub service task took the whole node down (seen
+            # with tests/test_byzantine.py). The disconnect below ends the stream; _handle_dead_peer cleans up fully.
+            self._pubsub.blacklisted_peers.add(pid)
         except Exception:
             log.debug("blacklist failed", exc_info=True)
         if self._nursery is not None and self._host is not None:

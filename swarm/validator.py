@@ -209,10 +209,16 @@ class PeerStanding:
         return False
 
     def on_rejection(self, reason: str, publisher: str, forwarder: str) -> list[str]:
-        """Newly banned peers after a rejection of `reason`."""
-        peers = [publisher]
-        if reason in HARD_REASONS and forwarder != publisher:
-            peers.append(forwarder)
+        """Newly banned peers after a rejection of `reason`.
+
+        Hard reasons (a message no honest node would sign or relay) strike the publisher and the forwarder. Soft ones
+        (stale, replay, rate) strike the publisher only when it sent the message itself: anyone can keep an honest
+        node's old messages and relay them later, and that must not get the honest node banned.
+        """
+        if reason in HARD_REASONS:
+            peers = [publisher] + ([forwarder] if forwarder != publisher else [])
+        else:
+            peers = [publisher] if forwarder == publisher else []
         return [p for p in peers if self.strike(p)]
 
     def ban(self, peer: str) -> None:

@@ -157,16 +157,19 @@ def test_never_raises_anything_but_rejected(ident: Identity, junk: object) -> No
 def test_peer_standing_threshold_window_and_expiry() -> None:
     clock = Clock(0.0)
     s = PeerStanding(threshold=3, window_s=10, ban_s=100, clock=clock)
-    # hard reasons strike publisher and forwarder; soft only the publisher
+    # hard reasons strike publisher and forwarder; soft ones only a publisher that sent the message itself
     assert s.on_rejection("signature", "pub", "fwd") == []
-    assert s.on_rejection("stale", "pub", "fwd") == []
+    assert s.on_rejection("stale", "pub", "pub") == []
+    assert s.recent() == {"pub": 2, "fwd": 1}
+    for _ in range(10):  # someone relaying pub's old messages: nobody is struck (pub cannot be framed)
+        assert s.on_rejection("replay", "pub", "fwd") == []
     assert s.recent() == {"pub": 2, "fwd": 1}
     clock.t = 11  # the first strikes fall out of the window
-    assert s.on_rejection("replay", "pub", "fwd") == []
-    assert s.on_rejection("replay", "pub", "fwd") == []
-    assert s.on_rejection("replay", "pub", "fwd") == []
-    assert s.on_rejection("rate", "pub", "fwd") == ["pub"]  # 4 > 3 within 10 s
+    assert s.on_rejection("replay", "pub", "pub") == []
+    assert s.on_rejection("replay", "pub", "pub") == []
+    assert s.on_rejection("replay", "pub", "pub") == []
+    assert s.on_rejection("rate", "pub", "pub") == ["pub"]  # 4 > 3 within 10 s
     assert s.is_banned("pub") and not s.is_banned("fwd")
-    assert s.on_rejection("rate", "pub", "fwd") == []  # already banned: no new ban
+    assert s.on_rejection("rate", "pub", "pub") == []  # already banned: no new ban
     clock.t = 111
     assert s.expired() == ["pub"] and not s.is_banned("pub")
