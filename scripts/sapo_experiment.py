@@ -18,13 +18,6 @@ Writes DIR/results.json (per config, seed, node and round: reward, held-out accu
 paper-style table: cumulative reward, final held-out accuracy, rounds to reach the 8/0 config's final held-out accuracy,
 each as a ratio to 8/0) and DIR/curves.png. --report-only rebuilds the three files from the runs already in DIR.
 Extra node flags go after `--`, e.g. `-- --max-staleness-s 60` (applied to every node of every config).
-
-Measurement fix (training untouched): node/round.py builds the round's metrics as {"reward_mean": <own rollouts>, ...,
-**trainer stats}, and GRPOTrainer.train_step's stats carry their own "reward_mean" (the mean over the groups it trained
-on: own groups with signal + peers' groups), which overwrites the own-rollout reward. So each node here is started as
-`python scripts/sapo_experiment.py _node join ...`, which renames that trainer stat to "batch_reward_mean" and then runs
-node.cli's `join` unchanged; "reward_mean" in the metrics is then the mean reward of the node's own sampled rollouts.
---no-reward-fix starts plain `python -m node.cli join` instead (reward_mean = training-batch reward).
 """
 from __future__ import annotations
 
@@ -50,41 +43,6 @@ from node.simulate import read_metrics, run_simulation  # noqa: E402
 KEEP = ("round", "reward_mean", "train_reward_mean", "n_local", "n_external", "external_candidates",
         "external_useful", "frac_zero_std", "rollouts_in", "peers", "wall_s", "heldout_acc")
 BASELINE = "8/0"
-
-
-def _node_main(argv: list[str]) -> None:
-    """A `swarm-node` process whose trainer stat "reward_mean" is renamed so it cannot overwrite the own-rollout one."""
-    import functools
-
-    from node import grpo
-
-    orig = grpo.GRPOTrainer.train_step
-
-    @functools.wraps(orig)
-    def train_step(self, groups):  # type: ignore[no-untyped-def]
-        stats = orig(self, groups)
-        if "reward_mean" in stats:
-            stats["batch_reward_mean"] = stats.pop("reward_mean")
-        return stats
-
-    grpo.GRPOTrainer.train_step = train_step
-    from node.cli import main as cli_main
-
-    cli_main(args=argv, prog_name="swarm-node")
-
-
-def _use_reward_fix() -> None:
-    """Makes node.simulate start each node through _node_main (same flags, same processes, same mesh)."""
-    import node.simulate as sim
-
-    orig = sim.node_command
-
-    def node_command(*a, **kw):  # type: ignore[no-untyped-def]
-        cmd = orig(*a, **kw)
-        assert cmd[1:3] == ["-m", "node.cli"], cmd[:3]
-        return [cmd[0], str(Path(__file__).resolve()), "_node", *cmd[3:]]
-
-    sim.node_command = node_command
 
 
 def parse_configs(spec: str) -> list[tuple[int, int]]:
@@ -255,10 +213,8 @@ def write_report(args: argparse.Namespace, res: dict[str, Any], command: str, ma
         f"{args.eval_every} rounds."
         + (" Extra node flags: `" + " ".join(res["node_args"]) + "`." if res["node_args"] else ""),
         "",
-        ("Reward = mean reward of each node's own sampled rollouts (its 32 questions × 8 completions), measured with the "
-         "metrics fix described in scripts/sapo_experiment.py (node/round.py lets the trainer's training-batch "
-         "`reward_mean` overwrite the own-rollout one; training is unchanged)." if not args.no_reward_fix else
-         "Reward = the node's metrics `reward_mean` as it stands (the trainer's training-batch mean, not the own rollouts)."),
+        "Reward = each node's metrics `reward_mean`: the mean reward of its own sampled rollouts (questions × 8 "
+        "completions a round), not the training batch (`train_reward_mean`, own groups with signal + peers' groups).",
         "",
         "| local / external (node flags) | cumulative reward | vs 8/0 | final held-out acc | vs 8/0 | "
         f"rounds to reach 8/0's final held-out ({res['target_heldout']:.3f}) | / {args.rounds} rounds |"
@@ -352,9 +308,6 @@ def machine_line() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["_node"]:
-        _node_main(argv[1:])
-        return 0
     node_args: list[str] = []
     if "--" in argv:
         i = argv.index("--")
@@ -368,8 +321,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--eval-size", type=int, default=200)
     p.add_argument("--out", required=True)
-    p.add_argument("--no-reward-fix", action="store_true",
-                   help="start plain `python -m node.cli join` (its reward_mean is the training-batch reward)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from runs already in --out")
     args = p.parse_args(argv)
     configs = parse_configs(args.configs)
@@ -379,8 +330,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python scripts/sapo_experiment.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    if not args.no_reward_fix:
-        _use_reward_fix()
     if not args.report_only:
         t0 = time.time()
         # seed-major order: every config of a seed runs back to back, so load from other work on the machine
