@@ -151,26 +151,63 @@ FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Reads a TOML (.toml) or YAML (.yaml/.yml) file of node settings; keys use flag names (dashes or underscores)."""
     p = Path(path)
+    if p.suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"config file {p} must end in .toml, .yaml or .yml")
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text") from None
     try:
-        if p.suffix == ".toml":
-            raw = tomllib.loads(text)
-        elif p.suffix in (".yaml", ".yml"):
-            raw = yaml.safe_load(text) or {}
-        else:
-            raise ConfigError(f"config file {p} must end in .toml, .yaml or .yml")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"config file {p} is not valid {p.suffix[1:].upper()}: {str(e).splitlines()[0]}") from None
+        raw = tomllib.loads(text) if p.suffix == ".toml" else (yaml.safe_load(text) or {})
+    except Exception as e:  # noqa: BLE001 - any parser failure (YAMLError, a bad !!int/date, RecursionError, ...)
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"config file {p} is not valid {p.suffix[1:].upper()}: {first}") from None
     if not isinstance(raw, Mapping):
         raise ConfigError(f"config file {p} must hold a table of settings, not a {type(raw).__name__}")
     out: dict[str, Any] = {}
     for key, value in raw.items():
-        name = str(key).replace("-", "_")
+        name = key.replace("-", "_") if isinstance(key, str) else None
         if name not in FIELDS or name == "resume":
             known = ", ".join(sorted(k.replace("_", "-") for k in FIELDS))
-            raise ConfigError(f"config file {p}: unknown setting '{key}' (known: {known})")
+            raise ConfigError(f"config file {p}: unknown setting '{_show(key)}' (known: {known})")
+        problem = _value_problem(name, value)
+        if problem:
+            raise ConfigError(f"config file {p}: setting '{key}' {problem}")
         out[name] = value
     return out
+
+
+_INT64 = 2**63
+_KIND_WORDS = {"int": "whole number", "float": "number", "str": "string"}
+
+
+def _show(value: Any) -> str:
+    try:
+        return str(value)[:80]
+    except ValueError:  # an int too long for str()
+        return f"<{type(value).__name__}>"
+
+
+def _value_problem(name: str, value: Any) -> str:
+    """Why a config-file value cannot be a setting's value ("" if it can); click converts strings and numbers later.
+    Catches what click's converters would crash on (lists, dicts, dates, ints beyond 64 bits, inf into an int, ...)."""
+    kind = str(FIELDS[name].type).split(" | ")[0]  # "int", "float", "str", "bool", "tuple[str, ...]" (+ " | None")
+    if value is None:
+        return "" if FIELDS[name].default is None else "must have a value (leave it out for the default)"
+    if kind.startswith("tuple"):
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return ""
+        return "must be a list of strings"
+    if isinstance(value, bool) or isinstance(value, str):
+        return "" if kind in ("bool", "str") or isinstance(value, str) else f"must be a number, not {value}"
+    if kind == "bool":
+        return "must be true or false"
+    if isinstance(value, int):
+        return "" if -_INT64 <= value < _INT64 else "is out of range"
+    if isinstance(value, float):
+        if kind == "int" and not value.is_integer():
+            return f"must be a whole number, not {value}"
+        return "" if kind != "int" or abs(value) < _INT64 else "is out of range"
+    return f"must be a {_KIND_WORDS.get(kind, kind)}, not a {type(value).__name__}"

@@ -6,6 +6,8 @@ A crash is any exception other than ProtocolError. An accepted input is invalid 
 original valid envelopes (every structural mutation below is invalid by construction, even when re-signed).
 
     python scripts/fuzz_protocol.py --count 100000 --seed 0
+    python scripts/fuzz_protocol.py --validator --count 100000   # swarm.validator.MessageValidator instead:
+                                                                 # see scripts/fuzz_validator.py
 """
 from __future__ import annotations
 
@@ -417,7 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--validator", action="store_true",
+                    help="fuzz the stateful gossip validator (fake clock: stale, replay and rate paths too)")
     args = ap.parse_args(argv)
+    if args.validator:
+        from scripts.fuzz_validator import report, run_validator_fuzz
+
+        return report(run_validator_fuzz(args.count, args.seed))
     res = run_fuzz(args.count, args.seed)
     print(f"inputs={res.inputs} crashes={res.crashes} accepted_invalid={res.accepted_invalid}")
     rate = res.inputs / res.seconds if res.seconds else float("inf")
