@@ -171,7 +171,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         name = key.replace("-", "_") if isinstance(key, str) else None
         if name not in FIELDS or name == "resume":
             known = ", ".join(sorted(k.replace("_", "-") for k in FIELDS))
-            raise ConfigError(f"config file {p}: unknown setting '{_show(key)}' (known: {known})")
+            raise ConfigError(f"config file {p}: unknown setting {_show(key)} (known: {known})")
         problem = _value_problem(name, value)
         if problem:
             raise ConfigError(f"config file {p}: setting '{key}' {problem}")
@@ -183,11 +183,14 @@ _INT64 = 2**63
 _KIND_WORDS = {"int": "whole number", "float": "number", "str": "string"}
 
 
-def _show(value: Any) -> str:
+def _show(key: Any) -> str:
+    """A key for a one-line message: quoted, escaped, shortened."""
+    if isinstance(key, str):
+        return repr(key) if len(key) <= 60 else repr(key[:60]) + "..."
     try:
-        return str(value)[:80]
+        return f"'{str(key)[:60]}'"
     except ValueError:  # an int too long for str()
-        return f"<{type(value).__name__}>"
+        return f"<a long {type(key).__name__}>"
 
 
 def _value_problem(name: str, value: Any) -> str:

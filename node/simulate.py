@@ -32,14 +32,13 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def node_command(i: int, *, out: Path, swarm: str, model: str, rounds: int, local: int, external: int, seed: int,
-                 p2p_port: int, status_port: int, bootstrap: str | None, eval_every: int, extra: tuple[str, ...],
-                 n_nodes: int) -> list[str]:
+def node_command(i: int, *, out: Path, swarm: str, model: str, rounds: int, local: int | None, external: int | None,
+                 seed: int, p2p_port: int, status_port: int, bootstrap: str | None, eval_every: int,
+                 extra: tuple[str, ...], n_nodes: int) -> list[str]:
     d = out / f"node-{i}"
     cmd = [
         sys.executable, "-m", "node.cli", "join",
         "--model", model, "--swarm", swarm, "--rounds", str(rounds), "--seed", str(seed + i),
-        "--local", str(local), "--external", str(external),
         "--listen", f"/ip4/127.0.0.1/tcp/{p2p_port}", "--status-port", str(status_port),
         "--identity", str(d / "identity.key"), "--checkpoint-dir", str(d / "checkpoints"),
         "--metrics", str(d / "metrics.jsonl"), "--log-file", str(d / "node.log"),
@@ -47,6 +46,10 @@ def node_command(i: int, *, out: Path, swarm: str, model: str, rounds: int, loca
         # start together: a node that began alone would run ahead before the others had loaded
         "--min-peers", str(n_nodes - 1), "--peer-wait-s", "120",
     ]
+    if local is not None:
+        cmd += ["--local", str(local)]
+    if external is not None:
+        cmd += ["--external", str(external)]
     if bootstrap:
         cmd += ["--bootstrap", bootstrap]
     return cmd + list(extra)
@@ -131,8 +134,8 @@ def table(statuses: dict[int, dict], n: int, rounds: int) -> list[str]:
     return lines
 
 
-def run_simulation(*, nodes: int, rounds: int, model: str, local_: int, external: int, out: str, swarm: str, seed: int,
-                   base_port: int, eval_every: int, extra: tuple[str, ...]) -> int:
+def run_simulation(*, nodes: int, rounds: int, model: str, local_: int | None, external: int | None, out: str,
+                   swarm: str, seed: int, base_port: int, eval_every: int, extra: tuple[str, ...]) -> int:
     from protocol.identity import load_or_create_identity
 
     out_dir = Path(out)
@@ -149,7 +152,8 @@ def run_simulation(*, nodes: int, rounds: int, model: str, local_: int, external
         idents.append(load_or_create_identity(d / "identity.key")[0])
     seed_addr = f"/ip4/127.0.0.1/tcp/{p2p[0]}/p2p/{idents[0].peer_id}"
     tty = sys.stdout.isatty()
-    print(f"simulate: {nodes} nodes, swarm '{swarm}', {rounds} rounds, I/J = {local_}/{external}, out {out_dir}")
+    ij = f"{local_ if local_ is not None else 'default'}/{external if external is not None else 'default'}"
+    print(f"simulate: {nodes} nodes, swarm '{swarm}', {rounds} rounds, I/J = {ij}, out {out_dir}")
     print(f"seed node: {seed_addr}")
 
     procs: list[subprocess.Popen] = []

@@ -124,6 +124,7 @@ class Harness:
         self.model = Model()
         self.idents = [Identity(self.rng.randbytes(32)) for _ in range(4)]
         self.stranger = Identity(self.rng.randbytes(32))
+        self.edge = Identity(self.rng.randbytes(32))
         self.next_seq = {i.peer_id: 1_000 for i in self.idents}
         # every valid envelope this harness made that may still come back -> its message (the history, and the
         # input being checked)
@@ -158,8 +159,12 @@ class Harness:
             seq = self.next_seq[pid]
         elif r < 0.95:  # out of order: inside or just outside the replay window
             seq = max(0, self.next_seq[pid] - rng.randint(0, 2 * WINDOW * 2))
-        else:
-            seq = rng.choice([0, M.MAX_INT, rng.randrange(M.MAX_INT)])
+        elif r < 0.98:  # a jump ahead (a restart: seqs are time-based), or back to 0
+            if rng.random() < 0.5:
+                self.next_seq[pid] += rng.randint(100, 10**6)
+            seq = self.next_seq[pid] if rng.random() < 0.5 else 0
+        else:  # the edges of the seq range, from a sender of its own (it ends up refused as a replay mostly)
+            ident, seq = self.edge, rng.choice([0, 1, M.MAX_INT - 1, M.MAX_INT, rng.randrange(M.MAX_INT)])
         now = self.clock.t
         r = rng.random()
         if r < 0.8:
