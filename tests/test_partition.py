@@ -110,6 +110,10 @@ def topology():
             if res.returncode != 0:
                 pytest.skip(f"`ip netns add` is not permitted here: {res.stderr.strip()}")
             created_ns.append(ns)
+            # processes must run in it, and the "long" outage needs its own (per-namespace) TCP sysctl
+            res = _run("ip", "netns", "exec", ns, "sh", "-c", "echo 15 > /proc/sys/net/ipv4/tcp_retries2", check=False)
+            if res.returncode != 0:
+                pytest.skip(f"cannot run in a network namespace or set its TCP sysctls: {res.stderr.strip()}")
         res = _run("ip", "link", "add", topo.bridge, "type", "bridge", check=False)
         if res.returncode != 0:
             pytest.skip(f"cannot create a bridge here: {res.stderr.strip()}")
