@@ -81,7 +81,7 @@ def run_join(cfg: NodeConfig) -> int:
         view.message(f"model {cfg.model} on {policy.device} ({policy.dtype}), loaded in {time.monotonic() - t0:.1f}s; log: {log_path}")
 
         def on_round(m: dict) -> None:
-            rejected = sum(node.status()["rejections"].values()) if node.mesh is not None else 0
+            rejected = sum(node.rejections().values()) if node.mesh is not None else 0
             view.update(m, rejected=rejected, target=cfg.rounds)
 
         node = NodeRuntime(cfg, identity, policy, on_round=on_round)

@@ -136,11 +136,17 @@ class NodeRuntime:
                 self.stop_requested = True
 
     # -- status ---------------------------------------------------------------------------------------------------
+    def rejections(self, mesh_stats: dict[str, Any] | None = None) -> dict[str, int]:
+        """Rejections by reason: the swarm layer's, then rescoring's (as "rescore:<reason>")."""
+        if mesh_stats is None:
+            mesh_stats = self.mesh.stats() if self.mesh is not None else {}
+        out = dict(mesh_stats.get("rejections_by_reason", {}))
+        out.update({f"rescore:{k}": v for k, v in self.learner.rejected.items()})
+        return out
+
     def status(self) -> dict[str, Any]:
         mesh_stats = self.mesh.stats() if self.mesh is not None else {}
-        rejections = dict(mesh_stats.get("rejections_by_reason", {}))
-        for k, v in self.learner.rejected.items():
-            rejections[f"rescore:{k}"] = v
+        rejections = self.rejections(mesh_stats)
         uptime = time.time() - self.started_at
         return {
             "peer_id": self.identity.peer_id,

@@ -1,7 +1,6 @@
 """Helpers to run real `swarm-node join` processes on loopback in tests."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -10,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node.simulate import free_ports
+from node.simulate import free_ports, read_metrics
 from node.status import fetch_status
 from protocol.identity import Identity, save_identity
 
@@ -58,15 +57,7 @@ class JoinProc:
             return None
 
     def metrics(self) -> list[dict]:
-        if not self.metrics_path.exists():
-            return []
-        rows = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                pass
-        return rows
+        return read_metrics(self.metrics_path)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from node.checkpoint import CheckpointError, _read_verified_state
+from node.simulate import read_metrics
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,15 +68,7 @@ class Node:
         return self.out_path.read_text() if self.out_path.exists() else ""
 
     def metrics(self) -> list[dict]:
-        if not self.metrics_path.exists():
-            return []
-        rows = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                pass
-        return rows
+        return read_metrics(self.metrics_path)
 
     def wait(self, pred, timeout: float, what: str, interval: float = 0.05):
         deadline = time.monotonic() + timeout
