@@ -69,6 +69,9 @@ class Model:
         self.accepted: dict[str, set[int]] = {}  # sender -> accepted seqs
         self.top: dict[str, list[int]] = {}  # sender -> its WINDOW highest accepted seqs, ascending
         self.buckets: dict[str, tuple[_Bucket, _Bucket]] = {}
+        self.first_seen: dict[str, float] = {}
+        self.admit = _Bucket(RATE.new_senders_per_s, RATE.new_senders_burst, T0)
+        self.forwarders: dict[str, tuple[_Bucket, _Bucket]] = {}
 
     def verdict(self, msg: M.Message, size: int, from_peer: str, now: float) -> str:
         """'ok' or the reason it must be refused (signature/decode problems are decided by the sealed-bytes set)."""
@@ -76,17 +79,39 @@ class Model:
             return "sender"
         if not (now - MAX_AGE_S <= msg.created_at <= now + SKEW_S):
             return "stale"
+        if msg.sender not in self.buckets:  # a new identity: admitted at a bounded rate, starts with 1 s of budget
+            if self.admit.level(now) < 1:
+                return "newcomer"
+            self.admit.spend(1, now)
+            self.first_seen[msg.sender] = now
+            msgs, nbytes = _Bucket(RATE.msgs_per_s, RATE.msgs_burst, now), _Bucket(RATE.bytes_per_s, RATE.bytes_burst, now)
+            if RATE.probation_s > 0:
+                msgs.tokens = min(RATE.msgs_burst, max(1.0, RATE.msgs_per_s))
+                nbytes.tokens = min(RATE.bytes_burst, max(float(M.MAX_MESSAGE_BYTES), RATE.bytes_per_s))
+            self.buckets[msg.sender] = (msgs, nbytes)
         if msg.seq in self.accepted.get(msg.sender, ()):
             return "replay"
         top = self.top.get(msg.sender, [])
         if len(top) >= WINDOW and msg.seq < top[0]:  # older than the window's oldest
             return "replay"
-        msgs, nbytes = self.buckets.get(msg.sender) or (_Bucket(RATE.msgs_per_s, RATE.msgs_burst, now),
-                                                        _Bucket(RATE.bytes_per_s, RATE.bytes_burst, now))
-        self.buckets[msg.sender] = (msgs, nbytes)
+        msgs, nbytes = self.buckets[msg.sender]
         if msgs.level(now) < 1 or nbytes.level(now) < size:
             return "rate"
+        if self._young(msg.sender, now):  # young senders also share their forwarder's newcomer budget
+            fm, fb = self._forwarder(from_peer, now)
+            if fm.level(now) < 1 or fb.level(now) < size:
+                return "newcomer"
         return "ok"
+
+    def _young(self, sender: str, now: float) -> bool:
+        return now - self.first_seen[sender] < RATE.probation_s
+
+    def _forwarder(self, peer: str, now: float) -> tuple[_Bucket, _Bucket]:
+        k = RATE.newcomer_share
+        if peer not in self.forwarders:
+            self.forwarders[peer] = (_Bucket(k * RATE.msgs_per_s, k * RATE.msgs_burst, now),
+                                     _Bucket(k * RATE.bytes_per_s, k * RATE.bytes_burst, now))
+        return self.forwarders[peer]
 
     def accept(self, msg: M.Message, size: int, now: float) -> None:
         self.accepted.setdefault(msg.sender, set()).add(msg.seq)
@@ -96,6 +121,10 @@ class Model:
         msgs, nbytes = self.buckets[msg.sender]
         msgs.spend(1, now)
         nbytes.spend(size, now)
+        if self._young(msg.sender, now):
+            fm, fb = self._forwarder(msg.sender, now)  # the harness's forwarder is the publisher
+            fm.spend(1, now)
+            fb.spend(size, now)
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Finding peers: bootstrap dialing with capped exponential backoff, then signed peer exchange over the topic.
 
 Pick: every node periodically publishes a signed `Hello` (its listen multiaddrs, round, model) on the swarm topic; a
-receiver dials senders it is not connected to, up to `max_peers` connections. Why this and not the alternatives that
-ran on loopback in 0.8.1:
+receiver dials senders it is not connected to, up to `max_peers` connections, and keeps redialing the ones it has heard
+from (every ~redial_after_s, for up to forget_after_s) when their connection is lost. Why this and not the
+alternatives that ran on loopback in 0.8.1:
 - It rides on what we must run anyway (gossipsub + our validator), so a Hello is authenticated like any message
   (signature, sender == libp2p publisher, swarm, version, freshness, replay, rate): a peer cannot advertise addresses
   for someone else, and a dial verifies the peer ID in the Noise handshake, so a false address cannot impersonate.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -84,6 +86,7 @@ class Discovery:
         backoff_max_s: float = 30.0,
         dial_timeout_s: float = 10.0,
         redial_after_s: float = 30.0,
+        forget_after_s: float = 3600.0,
         scan_peerstore: bool = False,
     ) -> None:
         self.host = host
@@ -94,6 +97,7 @@ class Discovery:
         self.backoff_initial_s, self.backoff_max_s = backoff_initial_s, backoff_max_s
         self.dial_timeout_s = dial_timeout_s
         self.redial_after_s = redial_after_s
+        self.forget_after_s = forget_after_s  # a known peer not heard from for this long is no longer redialed
         self.scan_peerstore = scan_peerstore
         self.known: dict[str, KnownPeer] = {}
         self.dials_ok = 0
@@ -147,6 +151,7 @@ class Discovery:
                 nursery.start_soon(self._warn_if_alone, first_round, answered)
             if self.scan_peerstore:
                 nursery.start_soon(self._scan_peerstore_loop)
+            nursery.start_soon(self._redial_loop)
             task_status.started()
             await trio.sleep_forever()
 
@@ -157,16 +162,9 @@ class Discovery:
             store = self.host.get_peerstore()
             for pid in list(store.peers_with_addrs()):
                 peer = pid.to_base58()
-                if peer in self.known or peer == self.me or self.connected(peer) or self.is_banned(peer):
-                    continue
-                if self.n_connected() >= self.max_peers:
-                    break
-                addrs = [str(a) for a in store.addrs(pid) if dialable(str(a))]
-                now = trio.current_time()
-                if addrs and peer not in self._dialing and now - self._last_try.get(peer, -math.inf) >= self.redial_after_s:
-                    self._last_try[peer] = now
-                    self._dialing.add(peer)
-                    self._nursery.start_soon(self._px_dial, peer, addrs)  # type: ignore[union-attr]
+                if peer in self.known:
+                    continue  # redialed from its Hellos
+                self._maybe_dial(peer, [str(a) for a in store.addrs(pid) if dialable(str(a))])
 
     async def _warn_if_alone(self, first_round: list[trio.Event], answered: list[bool]) -> None:
         for ev in first_round:
@@ -225,7 +223,10 @@ class Discovery:
         if len(self.known) > 4 * self.max_peers:  # forget the least recently heard
             oldest = min(self.known.values(), key=lambda k: k.last_hello)
             del self.known[oldest.peer_id]
-        peer = hello.sender
+        self._maybe_dial(hello.sender, addrs)
+
+    def _maybe_dial(self, peer: str, addrs: Sequence[str]) -> None:
+        """Start a peer-exchange dial unless we are connected, already dialing, full, or tried it recently."""
         if (self._nursery is None or not addrs or peer == self.me or peer in self._dialing or self.is_banned(peer)
                 or self.connected(peer) or self.n_connected() >= self.max_peers):
             return
@@ -236,7 +237,19 @@ class Discovery:
         if len(self._last_try) > 8 * self.max_peers:
             self._last_try = {p: t for p, t in self._last_try.items() if now - t < self.redial_after_s}
         self._dialing.add(peer)
-        self._nursery.start_soon(self._px_dial, peer, addrs)
+        self._nursery.start_soon(self._px_dial, peer, list(addrs))
+
+    async def _redial_loop(self) -> None:
+        """Redial known peers we lost. Hellos cannot cross a cut link, so after a partition heals two halves that
+        bootstrap to different peers would otherwise never find each other again."""
+        while True:
+            await trio.sleep(self.redial_after_s / 3)
+            now = time.time()
+            for kp in list(self.known.values()):
+                if now - kp.last_hello > self.forget_after_s:
+                    del self.known[kp.peer_id]
+                    continue
+                self._maybe_dial(kp.peer_id, kp.addrs)
 
     async def _px_dial(self, peer: str, addrs: list[str]) -> None:
         try:

@@ -15,7 +15,12 @@ Every non-default here fixes a measured problem (see shared/notes/libp2p-0.8.md,
   inline its key and whose `key` field is malformed makes libp2p's signature_validator raise (nacl ValueError) in a
   pubsub service task, which also took the host down (measured): forwarded messages are guarded and the forwarder
   reported;
-- equivocation detection keeps up to ~1000 whole messages (~1 GB at 1 MB each) [9]: we keep a 32-byte digest instead.
+- equivocation detection keeps up to ~1000 whole messages (~1 GB at 1 MB each) [9]: we keep a 32-byte digest instead;
+- writes to a peer's pubsub stream are serialized. py-libp2p writes to it from the per-peer send loop *and* directly
+  (gossipsub's flush of pending messages and its recent-messages replay to a new peer), and yamux releases its write
+  lock between window-sized chunks while it waits for a window update, so two RPCs of more than the 256 KB window
+  could interleave on the wire: the receiver parsed garbage and banned an honest ~1 MB sender as a malformed-frame
+  peer (docs/byzantine.md, weakness 4). GuardedPubsub.write_msg holds one lock per stream for a whole RPC.
 """
 from __future__ import annotations
 
@@ -91,6 +96,24 @@ class GuardedPubsub(Pubsub):
         self.peer_queues = _SizedQueues()
         self._on_message = on_message
         self._on_bad_peer = on_bad_peer
+        self._write_locks: dict[int, tuple[INetStream, trio.Lock]] = {}  # id(stream) -> (stream, lock)
+
+    def _handle_dead_peer(self, peer_id: ID) -> None:
+        stream = self.peers.get(peer_id)
+        if stream is not None:
+            self._write_locks.pop(id(stream), None)
+        super()._handle_dead_peer(peer_id)
+
+    async def write_msg(self, stream: INetStream, rpc_msg: rpc_pb2.RPC) -> bool:
+        """One whole RPC at a time per stream (see the module docstring: interleaved chunks corrupt the frame)."""
+        entry = self._write_locks.get(id(stream))
+        if entry is None or entry[0] is not stream:
+            if len(self._write_locks) > 1024:  # normally pruned in _handle_dead_peer; a safety net
+                live = {id(s) for s in self.peers.values()}
+                self._write_locks = {k: v for k, v in self._write_locks.items() if k in live}
+            entry = self._write_locks[id(stream)] = (stream, trio.Lock())
+        async with entry[1]:
+            return await super().write_msg(stream, rpc_msg)
 
     def _report(self, peer_id: ID, why: str) -> None:
         try:

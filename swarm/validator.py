@@ -1,8 +1,9 @@
 """Checks every gossiped message before it is delivered or forwarded. Pure logic: no network, injectable clock.
 
-Order of checks (the first failure is the reason): size, decode, signature, sender, swarm, version, stale, replay,
-rate. `MessageValidator.check` raises only `Rejected`, whatever the input; the libp2p topic validator in
-`swarm.mesh` relies on that (a validator that raises anything else can take a py-libp2p host down).
+Order of checks (the first failure is the reason): size, decode, signature, sender, swarm, version, stale, newcomer
+admission, replay, rate, newcomer budget (see RateLimit for the sybil bounds). `MessageValidator.check` raises only
+`Rejected`, whatever the input; the libp2p topic validator in `swarm.mesh` relies on that (a validator that raises
+anything else can take a py-libp2p host down).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from protocol.messages import MAX_MESSAGE_BYTES, Message
 
 log = logging.getLogger(__name__)
 
-REASONS: Final = ("size", "decode", "signature", "sender", "swarm", "version", "stale", "replay", "rate")
+REASONS: Final = ("size", "decode", "signature", "sender", "swarm", "version", "stale", "replay", "rate", "newcomer")
 # Reasons that prove the message is bad no matter who judges it: an honest forwarder (which runs the same checks)
 # never relays these, so they count against the forwarder as well as the publisher.
 HARD_REASONS: Final = frozenset({"size", "decode", "signature", "sender", "swarm", "version"})
@@ -40,6 +41,16 @@ class RateLimit:
     msgs_burst: float = 60.0
     bytes_per_s: float = 8_000_000.0
     bytes_burst: float = 24_000_000.0
+    # Sybil bounds. Identities are free, so every per-sender limit above can be multiplied by minting keys. Three
+    # limits make that cost bounded: (1) new senders are admitted at most at new_senders_per_s (burst: a whole small
+    # swarm starting at once); (2) a new sender's buckets start with one second of its rate, not the full burst;
+    # (3) while a sender is younger than probation_s, its messages also draw on one bucket per *forwarder* (the
+    # directly connected peer that handed it to us), shared by all young senders it relays, so one connection can
+    # inject at most `newcomer_share` senders' worth of fresh-identity traffic however many keys it mints.
+    new_senders_per_s: float = 0.5
+    new_senders_burst: float = 64.0
+    probation_s: float = 120.0
+    newcomer_share: float = 4.0
 
 
 class TokenBucket:
@@ -67,13 +78,28 @@ class TokenBucket:
 
 
 class _SenderState:
-    __slots__ = ("seen", "floor", "msgs", "bytes")
+    __slots__ = ("seen", "floor", "msgs", "bytes", "first_seen")
 
     def __init__(self, limit: RateLimit, now: float) -> None:
         self.seen: set[int] = set()  # recent accepted seqs (at most replay_window)
         self.floor = -1  # every seq <= floor counts as seen
+        self.first_seen = now
         self.msgs = TokenBucket(limit.msgs_per_s, limit.msgs_burst, now)
         self.bytes = TokenBucket(limit.bytes_per_s, limit.bytes_burst, now)
+        if limit.probation_s > 0:  # probation: one second of rate to start with (the burst refills); see RateLimit
+            self.msgs.tokens = min(limit.msgs_burst, max(1.0, limit.msgs_per_s))
+            self.bytes.tokens = min(limit.bytes_burst, max(float(MAX_MESSAGE_BYTES), limit.bytes_per_s))
+
+
+class _ForwarderBudget:
+    """What one forwarder may relay on behalf of senders still on probation (shared by all of them)."""
+
+    __slots__ = ("msgs", "bytes")
+
+    def __init__(self, limit: RateLimit, now: float) -> None:
+        k = limit.newcomer_share
+        self.msgs = TokenBucket(k * limit.msgs_per_s, k * limit.msgs_burst, now)
+        self.bytes = TokenBucket(k * limit.bytes_per_s, k * limit.bytes_burst, now)
 
 
 class MessageValidator:
@@ -108,11 +134,17 @@ class MessageValidator:
         self.counts: dict[str, int] = {r: 0 for r in REASONS}
         self.accepted = 0
         self._senders: OrderedDict[str, _SenderState] = OrderedDict()
+        self._admit = TokenBucket(rate.new_senders_per_s, rate.new_senders_burst, clock())
+        self._forwarders: OrderedDict[str, _ForwarderBudget] = OrderedDict()
 
-    def check(self, data: bytes, from_peer: str) -> Message:
-        """The verified message, or Rejected(reason). `from_peer` is the libp2p original publisher (msg.from_id)."""
+    def check(self, data: bytes, from_peer: str, forwarder: str | None = None) -> Message:
+        """The verified message, or Rejected(reason).
+
+        `from_peer` is the libp2p original publisher (msg.from_id); `forwarder` the connected peer that relayed it
+        (None: the publisher itself).
+        """
         try:
-            msg = self._check(data, from_peer)
+            msg = self._check(data, from_peer, from_peer if forwarder is None else forwarder)
         except Rejected as r:
             self.counts[r.reason] = self.counts.get(r.reason, 0) + 1
             log.debug("rejected message from %s: %s", from_peer, r)
@@ -124,7 +156,7 @@ class MessageValidator:
         self.accepted += 1
         return msg
 
-    def _check(self, data: bytes, from_peer: str) -> Message:
+    def _check(self, data: bytes, from_peer: str, forwarder: str) -> Message:
         if not isinstance(data, (bytes, bytearray)):
             raise Rejected("decode", "not bytes")
         if len(data) > self.max_message_bytes:
@@ -149,6 +181,9 @@ class MessageValidator:
 
         st = self._senders.get(msg.sender)
         if st is None:
+            if not self._admit.can_take(1, now):
+                raise Rejected("newcomer", "too many new senders")
+            self._admit.take(1, now)
             st = _SenderState(self.rate, now)
             self._senders[msg.sender] = st
             while len(self._senders) > self.max_senders:
@@ -162,6 +197,12 @@ class MessageValidator:
         size = len(data)
         if not (st.msgs.can_take(1, now) and st.bytes.can_take(size, now)):
             raise Rejected("rate", f"{size} bytes")
+        if now - st.first_seen < self.rate.probation_s:
+            fb = self._forwarder_budget(forwarder, now)
+            if not (fb.msgs.can_take(1, now) and fb.bytes.can_take(size, now)):
+                raise Rejected("newcomer", f"{forwarder} is over its budget for new senders")
+            fb.msgs.take(1, now)
+            fb.bytes.take(size, now)
         st.msgs.take(1, now)
         st.bytes.take(size, now)
 
@@ -172,11 +213,22 @@ class MessageValidator:
             st.floor = max(st.floor, oldest)
         return msg
 
+    def _forwarder_budget(self, forwarder: str, now: float) -> _ForwarderBudget:
+        fb = self._forwarders.get(forwarder)
+        if fb is None:
+            fb = self._forwarders[forwarder] = _ForwarderBudget(self.rate, now)
+            while len(self._forwarders) > self.max_senders:
+                self._forwarders.popitem(last=False)
+        else:
+            self._forwarders.move_to_end(forwarder)
+        return fb
+
 
 class PeerStanding:
     """Gossipsub-v1.1-spirited standing: a peer with more than `threshold` strikes within `window_s` is banned for
-    `ban_s`. Hard rejections strike both the forwarder and the publisher; soft ones (stale, replay, rate: a matter of
-    clocks and timing) only the publisher. (A malformed pubsub frame gets its sender banned at once: see host.py.)"""
+    `ban_s`. Hard rejections strike both the forwarder and the publisher; soft ones (stale, replay, rate, newcomer: a
+    matter of clocks, timing and load) only the publisher. (A malformed pubsub frame gets its sender banned at once: see
+    host.py.)"""
 
     def __init__(self, threshold: int = 10, window_s: float = 60.0, ban_s: float = 600.0,
                  clock: Callable[[], float] = time.monotonic, max_peers: int = 4096) -> None:

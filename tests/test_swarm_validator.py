@@ -116,7 +116,8 @@ def test_strict_replay_window_of_one(ident: Identity) -> None:
 
 def test_rate_limit_messages_and_bytes(ident: Identity) -> None:
     clock = Clock()
-    v = validator(clock, rate=RateLimit(msgs_per_s=2, msgs_burst=3, bytes_per_s=1e9, bytes_burst=1e9))
+    # probation_s=0: an established sender with its full burst (newcomers: test_sybil_* below)
+    v = validator(clock, rate=RateLimit(msgs_per_s=2, msgs_burst=3, bytes_per_s=1e9, bytes_burst=1e9, probation_s=0))
     for s in range(3):
         v.check(sealed(ident, s + 1), ident.peer_id)
     assert reason(v, sealed(ident, 4), ident.peer_id) == "rate"
@@ -128,7 +129,8 @@ def test_rate_limit_messages_and_bytes(ident: Identity) -> None:
     v.check(sealed(ident, 6), ident.peer_id)
 
     big = sealed(ident, 100, rollouts=dummy_rollouts(1, text="x" * 10_000))
-    vb = validator(clock, rate=RateLimit(msgs_per_s=1e6, msgs_burst=1e6, bytes_per_s=len(big), bytes_burst=2 * len(big)))
+    vb = validator(clock, rate=RateLimit(msgs_per_s=1e6, msgs_burst=1e6, bytes_per_s=len(big), bytes_burst=2 * len(big),
+                                         probation_s=0))
     vb.check(big, ident.peer_id)
     vb.check(sealed(ident, 101, rollouts=dummy_rollouts(1, text="x" * 10_000)), ident.peer_id)
     assert reason(vb, sealed(ident, 102, rollouts=dummy_rollouts(1, text="x" * 10_000)), ident.peer_id) == "rate"
@@ -173,3 +175,85 @@ def test_peer_standing_threshold_window_and_expiry() -> None:
     assert s.on_rejection("rate", "pub", "pub") == []  # already banned: no new ban
     clock.t = 111
     assert s.expired() == ["pub"] and not s.is_banned("pub")
+
+
+# ---------------------------------------------------------------- sybils: identities are free, the budget is not
+
+def test_sybil_flood_through_one_connection_is_bounded_by_its_newcomer_budget() -> None:
+    """200 fresh identities, 5 messages each, all relayed by one peer: what gets through is the forwarder's newcomer
+    budget (newcomer_share senders' worth), not 200 x the per-sender burst; an established sender relayed by the
+    same peer and young senders relayed by another peer are unaffected."""
+    clock = Clock()
+    rate = RateLimit(msgs_per_s=10, msgs_burst=30, bytes_per_s=1e9, bytes_burst=1e9,
+                     new_senders_per_s=1e6, new_senders_burst=1e6, probation_s=60, newcomer_share=2)
+    v = validator(clock, rate=rate)
+    honest = Identity.generate()
+    v.check(sealed(honest, 1), honest.peer_id)
+    clock.t += 61  # honest is past probation
+    attacker = "12D3KooWAttacker"
+    sybils = [Identity.generate() for _ in range(200)]
+    accepted = 0
+    for s in sybils:
+        for seq in range(1, 6):
+            try:
+                v.check(sealed(s, seq, created_at=clock.t), s.peer_id, attacker)
+                accepted += 1
+            except Rejected as r:
+                assert r.reason == "newcomer"
+    assert accepted == 2 * 30  # newcomer_share x msgs_burst, in one instant
+    assert v.counts["newcomer"] == 1000 - 60
+    v.check(sealed(honest, 2, created_at=clock.t), honest.peer_id, attacker)  # established: own budget only
+    newbie = Identity.generate()
+    v.check(sealed(newbie, 1, created_at=clock.t), newbie.peer_id, "12D3KooWSomeoneElse")
+    # the attacker's budget refills at newcomer_share x msgs_per_s
+    clock.t += 1
+    fresh = [Identity.generate() for _ in range(40)]
+    ok = 0
+    for s in fresh:
+        try:
+            v.check(sealed(s, 1, created_at=clock.t), s.peer_id, attacker)
+            ok += 1
+        except Rejected:
+            pass
+    assert ok == 20
+
+
+def test_new_identities_are_admitted_at_a_bounded_rate() -> None:
+    clock = Clock()
+    v = validator(clock, rate=RateLimit(new_senders_per_s=0.5, new_senders_burst=8))
+    ids = [Identity.generate() for _ in range(20)]
+    got = []
+    for i in ids:
+        try:
+            v.check(sealed(i, 1), i.peer_id)
+            got.append(i)
+        except Rejected as r:
+            assert r.reason == "newcomer"
+    assert len(got) == 8
+    for i in got:  # admitted ones keep going
+        v.check(sealed(i, 2), i.peer_id)
+    clock.t += 4.0  # two more admissions
+    late = [i for i in ids if i not in got]
+    n = 0
+    for i in late:
+        try:
+            v.check(sealed(i, 1, created_at=clock.t), i.peer_id)
+            n += 1
+        except Rejected:
+            pass
+    assert n == 2
+
+
+def test_a_new_sender_starts_with_one_second_of_budget_not_the_burst() -> None:
+    clock = Clock()
+    v = validator(clock, rate=RateLimit(msgs_per_s=5, msgs_burst=50, bytes_per_s=1e9, bytes_burst=1e9))
+    s = Identity.generate()
+    n = 0
+    for seq in range(1, 50):
+        try:
+            v.check(sealed(s, seq), s.peer_id)
+            n += 1
+        except Rejected as r:
+            assert r.reason == "rate"
+    assert n == 5
+    assert PeerStanding().on_rejection("newcomer", s.peer_id, "12D3KooWRelay") == []  # soft: no strike on a relay

@@ -1,0 +1,97 @@
+"""Liveness: ping every connected peer and drop the ones that stop answering.
+
+A TCP connection whose far end vanished (power cut, a cut link, a hung process) looks alive until the kernel gives
+up, which takes many minutes; until then gossipsub keeps it in its mesh and sends into it, and the peer still
+counts in `peers` and `--min-peers`. Every `interval_s` we ping each connected peer over the standard
+`/ipfs/ping/1.0.0` protocol (every py-libp2p host serves it), and after `max_misses` consecutive failed pings we
+close the connection. Discovery redials it later if it comes back.
+
+A starved machine (a laptop running 8 nodes on 2 cores) answers pings late; that must not tear the mesh down. So the
+defaults are lenient (3 misses of 15 s: a silent peer goes after ~45-75 s, not the kernel's ~15 min), and a cycle in
+which our own event loop was late (its sleep overshot by more than `max_lag_s`) counts no misses: then we are the
+slow one, and a late answer says nothing about the peer.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Awaitable, Callable
+
+import trio
+from libp2p.abc import IHost
+from libp2p.host.ping import ID as PING_ID
+from libp2p.host.ping import perform_ping_roundtrip
+from libp2p.peer.id import ID
+
+log = logging.getLogger(__name__)
+
+
+class Liveness:
+    def __init__(self, host: IHost, *, interval_s: float = 10.0, timeout_s: float = 15.0, max_misses: int = 3,
+                 max_lag_s: float = 2.0, on_dead: Callable[[ID], Awaitable[None]] | None = None) -> None:
+        self.host = host
+        self.interval_s, self.timeout_s, self.max_misses = interval_s, timeout_s, max_misses
+        self.max_lag_s = max_lag_s
+        self.on_dead = on_dead
+        self.misses: dict[ID, int] = {}
+        self.rtt_ms: dict[str, float] = {}  # peer -> last round trip
+        self.dropped = 0  # connections closed for not answering
+        self.lagged_cycles = 0  # cycles that counted no misses because our own loop was late
+
+    async def run(self) -> None:
+        while True:
+            t0 = trio.current_time()
+            await trio.sleep(self.interval_s)
+            lagged = trio.current_time() - t0 - self.interval_s > self.max_lag_s
+            peers = list(self.host.get_connected_peers())
+            self.misses = {p: n for p, n in self.misses.items() if p in peers}
+            self.rtt_ms = {k: v for k, v in self.rtt_ms.items() if any(p.to_base58() == k for p in peers)}
+            results: dict[ID, float | None] = {}
+            t1 = trio.current_time()
+            async with trio.open_nursery() as nursery:  # all peers at once: one slow peer must not delay the rest
+                for pid in peers:
+                    nursery.start_soon(self._ping_into, pid, results)
+            # the pings themselves can overrun because we are starved: the nursery ends well after the last timeout
+            lagged = lagged or trio.current_time() - t1 - self.timeout_s > self.max_lag_s
+            if lagged:
+                self.lagged_cycles += 1
+            for pid, rtt in results.items():
+                await self._count(pid, rtt, lagged)
+
+    async def _ping_into(self, pid: ID, results: dict[ID, float | None]) -> None:
+        results[pid] = await self.ping(pid)
+
+    async def _count(self, pid: ID, rtt: float | None, lagged: bool) -> None:
+        if rtt is not None:
+            self.misses.pop(pid, None)
+            self.rtt_ms[pid.to_base58()] = rtt
+            return
+        if lagged:
+            return
+        self.misses[pid] = self.misses.get(pid, 0) + 1
+        if self.misses[pid] >= self.max_misses:
+            log.warning("peer %s did not answer %d pings; closing its connection", pid.to_base58(), self.misses[pid])
+            self.misses.pop(pid, None)
+            self.dropped += 1
+            if self.on_dead is not None:
+                await self.on_dead(pid)
+
+    async def ping(self, pid: ID) -> float | None:
+        """Round trip in ms, or None if the peer did not answer within timeout_s."""
+        stream = None
+        try:
+            with trio.fail_after(self.timeout_s):
+                start = trio.current_time()
+                stream = await self.host.new_stream(pid, [PING_ID])
+                await perform_ping_roundtrip(stream)
+                return (trio.current_time() - start) * 1000.0
+        except (Exception, trio.TooSlowError) as e:
+            log.debug("ping %s failed: %r", pid.to_base58(), e)
+            return None
+        finally:
+            if stream is not None:
+                with trio.move_on_after(1) as scope:
+                    scope.shield = True
+                    try:
+                        await stream.close()
+                    except Exception:
+                        pass
