@@ -67,6 +67,10 @@ HELP = {
     "mdns": "Also find peers on the local network by mDNS (multicast; off by default).",
     "min_peers": "Wait for this many peers before the first round (0 = start at once).",
     "peer_wait_s": "Longest wait for --min-peers before training alone.",
+    "shards": "Gossip topic shards, swarm-wide (1 = every node hears every node). A node publishes to its home shard "
+              "(a hash of its peer ID) and listens to --shard-fanin shards; see docs/scale.md.",
+    "shard_fanin": "Shards a node listens to: its home shard + rotating others (at most --shards).",
+    "shard_rotate_rounds": "Rounds between rotations of the non-home shards a node listens to.",
 }
 FLAGS = {"resume", "offline", "mdns"}  # presence flags
 OPTIONAL_TYPES = {"local": int, "external": int, "questions_per_round": int, "max_external_per_peer": int,
@@ -134,7 +138,9 @@ def join(print_config: bool, **kwargs: Any) -> None:
 @main.command()
 @click.option("--nodes", type=click.IntRange(1, 64), default=4, show_default=True, help="Node processes to start.")
 @click.option("--rounds", type=click.IntRange(1), default=100, show_default=True, help="Rounds each node runs.")
-@click.option("--model", default="tiny", show_default=True, help="Model for every node.")
+@click.option("--model", default="tiny", show_default=True,
+              help="Model for every node, or a comma-separated list given to the nodes in turn (a mixed swarm), "
+                   "e.g. tiny,runs/models/small.")
 @click.option("--local", "local_", type=click.IntRange(0), default=None, help="I: own groups per round [default: per model].")
 @click.option("--external", type=click.IntRange(0), default=None, help="J: peers' groups per round [default: per model].")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/simulate", show_default=True, help="Output directory.")

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from swarm.shards import MAX_SHARDS
+
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake; the message is one clear sentence."""
@@ -103,6 +105,10 @@ class NodeConfig:
     peer_wait_s: float = 60.0  # ... but no longer than this; then train alone
     offline: bool = False  # no mesh at all: plain single-node RL
     mdns: bool = False  # also discover peers on the LAN by multicast DNS
+    # topic sharding (swarm.shards, docs/scale.md): swarm-wide; 1 = every node hears every node, as before
+    shards: int = 1
+    shard_fanin: int = 2  # shards a node listens to: its home shard + (fanin - 1) rotating others
+    shard_rotate_rounds: int = 10
 
     def __post_init__(self) -> None:
         for name, value in model_defaults(self.model).items():
@@ -124,6 +130,9 @@ class NodeConfig:
             (self.max_external_per_peer >= 1, "--max-external-per-peer must be >= 1"),
             (self.eval_every >= 0 and self.eval_size >= 1, "--eval-every must be >= 0 and --eval-size >= 1"),
             (self.threads >= 0, "--threads must be >= 0"),
+            (1 <= self.shards <= MAX_SHARDS, f"--shards must be between 1 and {MAX_SHARDS} (the same on every node)"),
+            (self.shard_fanin >= 1, "--shard-fanin must be >= 1 (1 = only the home shard)"),
+            (self.shard_rotate_rounds >= 1, "--shard-rotate-rounds must be >= 1"),
             (self.min_peers >= 0 and self.peer_wait_s >= 0, "--min-peers and --peer-wait-s must be >= 0"),
             (bool(self.swarm) and len(self.swarm) <= 64 and self.swarm.replace("-", "").replace("_", "").replace(".", "").isalnum(),
              "--swarm must be 1-64 characters of letters, digits, '-', '_' or '.'"),

@@ -28,6 +28,8 @@ delivery      Batch level, from mesh counters. A node has "joined" at the first 
               metrics: a round's share time is time - wall_s + gen_s (when the round handed its groups to the
               publisher), one batch per round with rollouts_out > 0 (ceil(groups/256); cross-checked against the
               sender's mesh `published`). delivery = sum delivered / sum expected over receivers.
+              Sharded swarms (--extra=--shards=S): a share is expected only from a sender whose home shard the
+              receiver listened to at that time (its status `mesh.shards.listening`), so 1.000 still means none lost.
               If a receiver has no two quiet samples (many nodes on few cores: latency of seconds) its window is its
               whole post-join span and a share counts as expected when share time + i's latency p50 falls inside it
               (an estimate); the table then also shows bounds (lo-hi): delivered / expected with every ambiguous
@@ -66,6 +68,7 @@ s             Wall seconds of the sharing (+ baseline) run.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import math
 import os
@@ -77,13 +80,14 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from node.config import NodeConfig  # noqa: E402
 from protocol.messages import MAX_ROLLOUTS  # noqa: E402
+from swarm.shards import home_shard  # noqa: E402
 from tests.join_procs import JoinProc, make_nodes  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -123,6 +127,7 @@ def _slim_status(s: dict | None) -> dict | None:
         "bans": m.get("bans", 0),
         "pool_duplicates": (s.get("pool") or {}).get("duplicates", 0),
         "dropped_publishes": (s.get("throughput") or {}).get("dropped_publishes", 0),
+        "shards": m.get("shards"),  # {"count", "home", "epoch", "listening"} (swarm.shards)
     }
 
 
@@ -254,6 +259,20 @@ def _shares(node: dict) -> list[tuple[float, int]]:
     return sorted((_share_time(m), m["rollouts_out"]) for m in node["metrics"] if m["rollouts_out"] > 0)
 
 
+def _hears(receiver: dict, n_shards: int) -> Callable[[str, float], bool]:
+    """Sharded swarms (--shards S): a receiver only expects the batches of senders whose home shard it listened to
+    when the batch arrived (its status samples' `shards.listening`; the sample at or before that time)."""
+    samples = [s for s in _with_status(receiver) if s["st"].get("shards")]
+    times = [s["t"] for s in samples]
+
+    def hears(sender: str, t: float) -> bool:
+        if n_shards <= 1 or not samples:
+            return True
+        s = samples[max(0, bisect.bisect_right(times, t) - 1)]
+        return home_shard(sender, n_shards) in s["st"]["shards"]["listening"]
+    return hears
+
+
 def analyze_share(run: dict) -> dict[str, Any]:
     nodes = run["nodes"]
     win = {nd["name"]: _window(nd) for nd in nodes}
@@ -264,6 +283,7 @@ def analyze_share(run: dict) -> dict[str, Any]:
     k_all = max(joined_k) if len(joined_k) == len(nodes) else None  # the first sweep by which every node had joined
     pairs, per_node = [], []
     sum_deliv = sum_exp = sum_lo = sum_hi = n_exact = 0
+    n_shards = max(((s["st"].get("shards") or {}).get("count", 1) for nd in nodes for s in _with_status(nd)), default=1)
     for i in nodes:
         wi = win[i["name"]]
         if not wi or not wi["joined"] or k_all is None:
@@ -271,6 +291,7 @@ def analyze_share(run: dict) -> dict[str, Any]:
             continue
         others = [j for j in nodes if j is not i]
         other_shares = sorted(t for j in others for t, _ in shares[j["name"]])
+        hears = _hears(i, n_shards)
 
         def ambiguous(s: dict) -> int:  # shares by others that may or may not be counted in this snapshot
             return sum(s["t"] - margin <= t <= s["t1"] for t in other_shares)
@@ -287,11 +308,12 @@ def analyze_share(run: dict) -> dict[str, Any]:
         mid_lo, mid_hi = (start["t"] + start["t1"]) / 2, (end["t"] + end["t1"]) / 2
         exp_batches = exp_lo = exp_hi = 0
         for j in others:
-            rows = [(t, g) for t, g in shares[j["name"]] if mid_lo < t + shift <= mid_hi]
+            heard = [(t, g) for t, g in shares[j["name"]] if hears(j["peer_id"], t + shift)]
+            rows = [(t, g) for t, g in heard if mid_lo < t + shift <= mid_hi]
             groups = sum(g for _, g in rows)
             batches = sum(_batches(g) for _, g in rows)
-            exp_lo += sum(_batches(g) for t, g in shares[j["name"]] if start["t1"] < t <= end["t"] - margin)
-            exp_hi += sum(_batches(g) for t, g in shares[j["name"]] if start["t"] - margin < t <= end["t1"])
+            exp_lo += sum(_batches(g) for t, g in heard if start["t1"] < t <= end["t"] - margin)
+            exp_hi += sum(_batches(g) for t, g in heard if start["t"] - margin < t <= end["t1"])
             got = end["st"]["received_from"].get(j["peer_id"], 0) - start["st"]["received_from"].get(j["peer_id"], 0)
             exp_batches += batches
             pairs.append({"receiver": i["name"], "sender": j["name"], "groups_expected": groups, "groups_received": got,

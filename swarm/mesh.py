@@ -11,11 +11,13 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import random
 import threading
 import time
 from collections import OrderedDict
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 import multiaddr
 import trio
@@ -40,14 +42,20 @@ from protocol.messages import (
 )
 
 from .discovery import Discovery
+from .liveness import Liveness
 from .host import build_host, build_pubsub, build_router, disconnect_quietly, peer_id_str
+from .shards import base_topic, epoch_of, home_shard, lobby_topic, shard_topic, subscribed_shards
 from .validator import REASONS, MessageValidator, PeerStanding, RateLimit, Rejected, TokenBucket
 
 log = logging.getLogger(__name__)
 
 
+SHARD_MIN_PEERS = 4  # connected peers we want on each shard we listen to (gossipsub's D_low, swarm/host.py)
+
+
 def topic_for(swarm: str, version: int = PROTOCOL_VERSION) -> str:
-    return f"swarm-node/{swarm}/v{version}"
+    """The single topic of an unsharded swarm (= shard 0 of 1); see swarm.shards for S > 1."""
+    return base_topic(swarm, version)
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,15 @@ class MeshConfig:
     strike_window_s: float = 60.0
     ban_s: float = 600.0
     bootstrap_backoff_max_s: float = 30.0
+    # Topic sharding (swarm.shards). shards is swarm-wide; 1 = one topic for everything, as before.
+    shards: int = 1
+    shard_fanin: int = 2  # shards listened to: home + (fanin - 1) rotating others (at most `shards`)
+    shard_rotate_rounds: int = 10  # the rotating shards change every this many rounds
+    # liveness: ping each connected peer every ping_interval_s (0: off); close it after ping_max_misses failures
+    ping_interval_s: float = 10.0
+    ping_timeout_s: float = 15.0
+    ping_max_misses: int = 3
+    redial_after_s: float = 30.0  # discovery redials a lost peer it has heard from at most this often
 
     def rate(self) -> RateLimit:
         return RateLimit(self.rate_msgs_per_s, self.rate_msgs_burst, self.rate_bytes_per_s, self.rate_bytes_burst)
@@ -109,7 +126,18 @@ class Mesh:
     def __init__(self, identity: Identity, config: MeshConfig) -> None:
         self.identity = identity
         self.config = config
-        self.topic = topic_for(config.swarm)
+        # Topics (swarm.shards): our rollouts and Hellos go to our home shard's topic (`self.topic`); we listen to it,
+        # to min(fanin, S) - 1 rotating other shards and, when sharded, to the lobby (swarm-wide Hellos, so discovery
+        # works whichever shard a bootstrap peer is on). S = 1: one topic, named exactly as before.
+        epoch_of(0, config.shard_rotate_rounds)  # ValueError on a bad value, before anything starts
+        subscribed_shards(identity.peer_id, config.shards, config.shard_fanin, 0)
+        self.home_shard = home_shard(identity.peer_id, config.shards)
+        self.topic = shard_topic(config.swarm, PROTOCOL_VERSION, config.shards, self.home_shard)
+        self.lobby = lobby_topic(config.swarm, PROTOCOL_VERSION, config.shards)
+        self._subscribed: tuple[str, ...] = ()  # topics we listen to now (run / _shard_loop)
+        self._shard_epoch = 0
+        self._lobby_hello_at = -math.inf  # trio time of our last Hello on the lobby
+        self._lobby_peers_seen: set[str] = set()  # lobby peers at that Hello: a new one gets a Hello at once
         self.validator = MessageValidator(
             config.swarm, PROTOCOL_VERSION, max_age_s=config.max_age_s, max_clock_skew_s=config.max_clock_skew_s,
             rate=config.rate(), replay_window=config.replay_window)
@@ -132,6 +160,7 @@ class Mesh:
         self._host: Any = None
         self._pubsub: Any = None
         self._discovery: Discovery | None = None
+        self._liveness: Liveness | None = None
         self._nursery: trio.Nursery | None = None
         self._listen_addrs: list[str] = []
         self._peers_cache: list[str] = []
@@ -146,14 +175,15 @@ class Mesh:
         host = build_host(self.identity, [cfg.listen], mdns=cfg.mdns)
         router = build_router(cfg.heartbeat_s)
         pubsub = build_pubsub(host, router, on_message=self._on_message, on_bad_peer=self._on_bad_peer)
-        pubsub.set_topic_validator(self.topic, self._validate, True)  # async: a raising sync one kills the host [7]
+        for topic in self._all_topics():  # the same validator on every topic we may ever listen to
+            pubsub.set_topic_validator(topic, self._validate, True)  # async: a raising sync one kills the host [7]
         self._host, self._pubsub = host, pubsub
         try:
-            async with host.run(listen_addrs=[multiaddr.Multiaddr(cfg.listen)]):
+            async with host.run(listen_addrs=[multiaddr.Multiaddr(cfg.listen)]), _closing(host):
                 # pubsub and router services start before any dial [8]
                 async with background_trio_service(pubsub), background_trio_service(router):
                     await pubsub.wait_until_ready()
-                    await pubsub.subscribe(self.topic)
+                    await self._update_subscriptions()
                     self._listen_addrs = self._compute_listen_addrs()
                     if not self._listen_addrs:
                         # py-libp2p only logs a failed listen and carries on deaf; a node nobody can dial is a
@@ -161,12 +191,20 @@ class Mesh:
                         raise OSError(errno.EADDRINUSE, f"could not listen on {cfg.listen} (address in use or not local)")
                     self._discovery = Discovery(host, bootstrap=cfg.bootstrap, max_peers=cfg.max_peers,
                                                 is_banned=self.standing.is_banned,
-                                                backoff_max_s=cfg.bootstrap_backoff_max_s, scan_peerstore=cfg.mdns)
+                                                backoff_max_s=cfg.bootstrap_backoff_max_s, scan_peerstore=cfg.mdns,
+                                                redial_after_s=cfg.redial_after_s)
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
                         await nursery.start(self._discovery.run)
                         nursery.start_soon(self._hello_loop)
                         nursery.start_soon(self._maintenance_loop)
+                        if cfg.shards > 1:
+                            nursery.start_soon(self._shard_loop)
+                        if cfg.ping_interval_s > 0:
+                            self._liveness = Liveness(host, interval_s=cfg.ping_interval_s, timeout_s=cfg.ping_timeout_s,
+                                                      max_misses=cfg.ping_max_misses,
+                                                      on_dead=lambda pid: disconnect_quietly(host, pid))
+                            nursery.start_soon(self._liveness.run)
                         log.info("mesh %s listening on %s", self.topic, " ".join(self._listen_addrs))
                         task_status.started()
                         await trio.sleep_forever()
@@ -185,12 +223,13 @@ class Mesh:
         return list(self._listen_addrs)
 
     def peers(self) -> list[str]:
-        """Connected peers that subscribe to our topic."""
+        """Connected peers that subscribe to one of our topics (when sharded: the lobby, i.e. the whole swarm)."""
         if self._pubsub is None or threading.get_ident() != self._trio_thread:
             with self._lock:
                 return list(self._peers_cache)
         ps = self._pubsub
-        out = sorted(p.to_base58() for p in ps.peer_topics.get(self.topic, set()) if p in ps.peers)
+        on_topics = set().union(*(ps.peer_topics.get(t, set()) for t in self._subscribed or (self.topic,)))
+        out = sorted(p.to_base58() for p in on_topics if p in ps.peers)
         with self._lock:
             self._peers_cache = out
         return out
@@ -236,6 +275,9 @@ class Mesh:
             return {
                 "peer_id": self.peer_id,
                 "topic": self.topic,
+                "topics": list(self._subscribed),
+                "shards": {"count": self.config.shards, "home": self.home_shard, "epoch": self._shard_epoch,
+                           "listening": list(self._listening_shards())},
                 "listen_addrs": list(self._listen_addrs),
                 "peers": peers,
                 "n_peers": len(peers),
@@ -259,6 +301,8 @@ class Mesh:
                 "known_peers": known,
                 "dials_ok": self._discovery.dials_ok if self._discovery else 0,
                 "dials_failed": self._discovery.dials_failed if self._discovery else 0,
+                "unresponsive_dropped": self._liveness.dropped if self._liveness else 0,
+                "ping_ms": dict(self._liveness.rtt_ms) if self._liveness else {},
             }
 
     # ---- publishing -----------------------------------------------------------------------------------------
@@ -286,7 +330,7 @@ class Mesh:
         mid = len(items) // 2
         return self._seal_split(round, model, items[:mid]) + self._seal_split(round, model, items[mid:])
 
-    async def _publish(self, data: bytes) -> None:
+    async def _publish(self, data: bytes, topic: str | None = None) -> None:
         # Pace (no bursts beyond ~1 message): keeps us far from every receiver's per-sender token bucket.
         while True:
             now = trio.current_time()
@@ -297,18 +341,99 @@ class Mesh:
         now = trio.current_time()
         self._out_msgs.take(1, now)
         self._out_bytes.take(len(data), now)
-        await self._pubsub.publish(self.topic, data)
+        await self._pubsub.publish(topic or self.topic, data)
         with self._lock:
             self._c.bytes_out += len(data)
 
     async def _publish_hello(self) -> None:
         addrs = tuple(a for a in self._listen_addrs if len(a) <= MAX_ADDR_CHARS)[:MAX_ADDRS]
-        hello = Hello(sender=self.peer_id, swarm=self.config.swarm, version=PROTOCOL_VERSION, round=self._round,
-                      created_at=time.time(), seq=self._next_seq(), model=self._model, listen_addrs=addrs)
-        async with self._publish_lock:
-            await self._publish(seal(hello, self.identity))
-        with self._lock:
-            self._c.published_hellos += 1
+        targets = [self.topic]
+        if self.lobby is not None and self._lobby_hello_due():
+            targets.append(self.lobby)
+        for topic in targets:  # one sealed Hello per topic: a node on both must not see the same seq twice (replay)
+            hello = Hello(sender=self.peer_id, swarm=self.config.swarm, version=PROTOCOL_VERSION, round=self._round,
+                          created_at=time.time(), seq=self._next_seq(), model=self._model, listen_addrs=addrs)
+            async with self._publish_lock:
+                await self._publish(seal(hello, self.identity), topic)
+            with self._lock:
+                self._c.published_hellos += 1
+
+    def _lobby_hello_due(self) -> bool:
+        """Lobby Hellos reach every node, so each node sends them S times less often than shard Hellos: the lobby
+        then carries N / S Hellos per interval, the size of one shard. A newly connected lobby peer gets one at once
+        (as with S = 1), so a newcomer learns who is out there without waiting S intervals."""
+        ps = self._pubsub
+        now_peers = {p.to_base58() for p in ps.peer_topics.get(self.lobby, set()) if p in ps.peers}
+        now = trio.current_time()
+        due = (now - self._lobby_hello_at >= self.config.hello_interval_s * self.config.shards
+               or bool(now_peers - self._lobby_peers_seen))
+        if due:
+            self._lobby_hello_at, self._lobby_peers_seen = now, now_peers
+        return due
+
+    # ---- shards (swarm.shards) ------------------------------------------------------------------------------
+
+    def _all_topics(self) -> list[str]:
+        cfg = self.config
+        topics = [shard_topic(cfg.swarm, PROTOCOL_VERSION, cfg.shards, s) for s in range(cfg.shards)]
+        return topics + ([self.lobby] if self.lobby else [])
+
+    def _listening_shards(self) -> tuple[int, ...]:
+        cfg = self.config
+        return subscribed_shards(self.peer_id, cfg.shards, cfg.shard_fanin, self._shard_epoch)
+
+    async def _update_subscriptions(self) -> None:
+        """Subscribe to this epoch's topics, then leave the old ones (new first: the home shard never has a gap)."""
+        cfg = self.config
+        self._shard_epoch = epoch_of(self._round, cfg.shard_rotate_rounds)
+        wanted = tuple(shard_topic(cfg.swarm, PROTOCOL_VERSION, cfg.shards, s) for s in self._listening_shards())
+        wanted += (self.lobby,) if self.lobby else ()
+        for topic in wanted:
+            if topic not in self._subscribed:
+                await self._pubsub.subscribe(topic)
+        old, self._subscribed = self._subscribed, wanted
+        for topic in old:
+            if topic not in wanted:
+                await self._pubsub.unsubscribe(topic)
+        if old and old != wanted:
+            log.info("epoch %d: listening to shards %s of %d", self._shard_epoch, self._listening_shards(), cfg.shards)
+
+    async def _shard_loop(self) -> None:
+        """Rotate the fan-in shards when the node's round (set_status) enters a new epoch, and keep every shard we
+        listen to reachable (_reach_shards) at the new epoch and every Hello interval."""
+        last_reach = -math.inf
+        while True:
+            await trio.sleep(self.config.heartbeat_s)
+            rotate = epoch_of(self._round, self.config.shard_rotate_rounds) != self._shard_epoch
+            if rotate:
+                try:
+                    await self._update_subscriptions()
+                except Exception:  # a failed rotation keeps the old shards (retried next heartbeat), never the node
+                    log.warning("rotating shards failed", exc_info=True)
+            now = trio.current_time()
+            if rotate or now - last_reach >= self.config.hello_interval_s:
+                last_reach = now
+                self._reach_shards()
+
+    def _reach_shards(self, want: int = SHARD_MIN_PEERS) -> None:
+        """Our connections were made for whichever Hellos came first; a shard we listen to (a fan-in shard we just
+        rotated into, above all) may have no member among them, and then its messages never reach us. Dial a few
+        peers we heard Hellos from (Discovery.known) that listen to that shard: anyone's home shard follows from its
+        peer ID, and its fan-in shards from its peer ID and the round in its Hello (assuming our --shard-fanin and
+        --shard-rotate-rounds; a wrong guess costs one useless connection). Bounded: only while fewer than `want`
+        connected peers are on that shard's topic."""
+        if self._discovery is None or self._nursery is None:
+            return
+        ps, disc, cfg = self._pubsub, self._discovery, self.config
+        known = [(k, subscribed_shards(k.peer_id, cfg.shards, cfg.shard_fanin, epoch_of(k.round, cfg.shard_rotate_rounds)))
+                 for k in list(disc.known.values()) if k.addrs]
+        for shard in self._listening_shards():
+            topic = shard_topic(cfg.swarm, PROTOCOL_VERSION, cfg.shards, shard)
+            have = sum(1 for p in ps.peer_topics.get(topic, set()) if p in ps.peers)
+            cands = [k for k, theirs in known if shard in theirs and not disc.connected(k.peer_id)]
+            random.shuffle(cands)
+            for k in cands[:max(0, want - have)]:
+                self._nursery.start_soon(disc.dial, k.peer_id, list(k.addrs))
 
     async def _hello_loop(self) -> None:
         """Announce ourselves every hello_interval_s, and soon after a new peer joins (so it learns the others)."""
@@ -346,7 +471,7 @@ class Mesh:
             fwd = forwarder.to_base58()
             with self._lock:
                 try:
-                    decoded = self.validator.check(msg.data, publisher)
+                    decoded = self.validator.check(msg.data, publisher, fwd)
                 except Rejected as r:
                     banned = self.standing.on_rejection(r.reason, publisher, fwd)
                     log.debug("rejected %s from %s via %s", r.reason, publisher, fwd)
@@ -458,6 +583,25 @@ class Mesh:
                 if full not in out:
                     out.append(full)
         return out
+
+
+@asynccontextmanager
+async def _closing(host: Any) -> AsyncIterator[None]:
+    """Close the host's listeners and connections when the mesh stops, even when it stops by cancellation.
+
+    py-libp2p closes them in its service teardown, but that runs inside the cancelled scope: the first await there
+    raises Cancelled and the listener stays open, so peers could still dial a stopped mesh (and then log
+    "add_conn failed ... Cannot schedule task after service has stopped" in a loop).
+    """
+    try:
+        yield
+    finally:
+        with trio.move_on_after(5) as scope:
+            scope.shield = True
+            try:
+                await host.get_network().close()
+            except Exception:
+                log.debug("closing the network failed", exc_info=True)
 
 
 def _pct(sorted_vals: list[float], q: float) -> float | None:

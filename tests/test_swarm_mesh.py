@@ -11,6 +11,8 @@ import trio
 from protocol.envelope import seal
 from protocol.identity import Identity
 from protocol.messages import Rollout, TaskRef
+from libp2p.peer.id import ID
+
 from swarm.mesh import Mesh, MeshConfig, Received, topic_for
 from swarm.testing import (GarbageStreamPeer, PlaintextDialer, RawPublisher, bad_envelopes, bad_key_publish_frame,
                            dummy_rollouts, make_batch)
@@ -124,7 +126,7 @@ async def test_bad_messages_rejected_counted_and_not_forwarded() -> None:
 
             sb = b.stats()
             assert sb["rejections_by_reason"] == {"size": 1, "decode": 1, "signature": 2, "sender": 1, "swarm": 1,
-                                                  "version": 1, "stale": 1, "replay": 1, "rate": 0}
+                                                  "version": 1, "stale": 1, "replay": 1, "rate": 0, "newcomer": 0}
             assert sb["accepted"] == 2
             assert sum(c.stats()["rejections_by_reason"].values()) == 0
             assert sb["strikes"][evil.identity.peer_id] == 9 and not sb["banned"]
@@ -241,3 +243,137 @@ async def test_wildcard_listen_and_incoming_overflow() -> None:
         await wait_until(lambda: b.stats()["accepted"] == 5)
         assert len(drain(b)) == 2 and b.stats()["incoming_dropped"] == 3
         n.cancel_scope.cancel()
+
+
+async def test_a_stopped_mesh_stops_listening() -> None:
+    """Cancelling Mesh.run closes its listener and connections (py-libp2p's own teardown runs inside the cancelled
+    scope and left the listener open, so peers kept dialing a dead service)."""
+    async with trio.open_nursery() as n:
+        a = await start(n)
+        with trio.CancelScope() as scope:
+            inner_started = trio.Event()
+
+            async def run_b() -> None:
+                nonlocal b
+                b = await start(inner)
+                inner_started.set()
+
+            b: Mesh | None = None
+            async with trio.open_nursery() as inner:
+                inner.start_soon(run_b)
+                await inner_started.wait()
+                assert b is not None
+                port = int(b.listen_addrs()[0].split("/tcp/")[1].split("/")[0])
+                await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()  # listening
+                scope.cancel()
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", port)
+        assert a.listen_addrs()
+        n.cancel_scope.cancel()
+
+
+async def test_liveness_drops_a_peer_that_stops_answering_pings() -> None:
+    from libp2p.host.ping import ID as PING_ID
+
+    async with trio.open_nursery() as n:
+        a = await start(n, ping_interval_s=0.3, ping_timeout_s=0.3, ping_max_misses=2)
+        b = await start(n, a, ping_interval_s=0)
+        await wait_until(lambda: a.peers() and b.peers())
+        await trio.sleep(1.0)
+        assert a._liveness is not None and a._liveness.dropped == 0  # answers: kept
+        assert b.peer_id in a._liveness.rtt_ms
+
+        async def hang(stream) -> None:  # a hung peer: the connection is up, nothing answers
+            await trio.sleep_forever()
+
+        b._host.set_stream_handler(PING_ID, hang)
+        await wait_until(lambda: a._liveness.dropped >= 1, timeout=10)
+        n.cancel_scope.cancel()
+
+
+async def test_lost_peers_are_redialed_without_hellos_or_bootstrap() -> None:
+    """B and C met through A (peer exchange). A dies and the B-C link is cut: no Hello can reach either side and
+    their only bootstrap is dead, so only discovery's redial of known peers can bring them back together."""
+    async with trio.open_nursery() as n:
+        a_scope = trio.CancelScope()
+        a_box: list[Mesh] = []
+
+        async def run_a(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            with a_scope:
+                async with trio.open_nursery() as inner:
+                    a_box.append(await start(inner))
+                    task_status.started()
+
+        await n.start(run_a)
+        a = a_box[0]
+        b = await start(n, a, redial_after_s=1.0)
+        c = await start(n, a, redial_after_s=1.0)
+        await wait_until(lambda: c.peer_id in b.connected() and b.peer_id in c.connected(), timeout=20)
+        a_scope.cancel()
+        await wait_until(lambda: a.peer_id not in b.connected() and a.peer_id not in c.connected())
+        await b._host.disconnect(ID.from_base58(c.peer_id))
+        await wait_until(lambda: c.peer_id in b.connected() and b.peer_id in c.connected(), timeout=15)
+        n.cancel_scope.cancel()
+
+
+async def test_sybil_identities_are_admitted_at_a_bounded_rate() -> None:
+    """A peer publishing every batch from a fresh identity (nothing invalid, so no per-sender limit or strike ever
+    applied before): the victim now admits new identities at new_senders_per_s after a burst."""
+    from swarm.byzantine import ByzantinePeer
+
+    async with trio.open_nursery() as n:
+        b = await start(n)
+        evil = ByzantinePeer("sybil", SWARM, [b.listen_addrs()[0]], rate=10.0)
+        t0 = trio.current_time()
+        await evil.run(duration=6.0)
+        elapsed = trio.current_time() - t0
+        st = b.stats()
+        tried = evil.sent["sybil"]
+        assert tried >= 300, evil.report()
+        # burst (64) + 0.5/s, plus the attacker's own Hello identity
+        assert st["accepted"] <= 64 + 0.5 * elapsed + 1, (st["accepted"], tried)
+        assert st["rejections_by_reason"]["newcomer"] > 0, st["rejections_by_reason"]
+        n.cancel_scope.cancel()
+
+
+async def test_pubsub_writes_one_whole_rpc_at_a_time_per_stream() -> None:
+    """yamux releases its write lock between window-sized chunks; py-libp2p writes to a peer's pubsub stream from two
+    tasks (the send loop and gossipsub's direct flushes), so big RPCs could interleave and corrupt the frame."""
+    from libp2p.pubsub.pb import rpc_pb2
+
+    from swarm.host import build_host, build_pubsub, build_router
+
+    host = build_host(Identity.generate(), [LOOP])
+    pubsub = build_pubsub(host, build_router(), on_message=lambda m: None, on_bad_peer=lambda p, w: None)
+
+    class ChunkedStream:  # writes in two halves with a wait in between, as yamux does when its window runs out
+        def __init__(self) -> None:
+            self.wire = bytearray()
+
+        async def write(self, data: bytes) -> None:
+            half = len(data) // 2
+            self.wire += data[:half]
+            await trio.sleep(0.01)
+            self.wire += data[half:]
+
+    stream = ChunkedStream()
+    rpcs = [rpc_pb2.RPC(publish=[rpc_pb2.Message(data=bytes([i]) * 50_000)]) for i in range(4)]
+    async with trio.open_nursery() as n:
+        for r in rpcs:
+            n.start_soon(pubsub.write_msg, stream, r)
+    frames = [b"".join(p.data for p in rpc_pb2.RPC.FromString(f).publish) for f in _split_frames(bytes(stream.wire))]
+    assert sorted(f[0] for f in frames) == [0, 1, 2, 3] and all(len(set(f)) == 1 for f in frames)
+
+
+def _split_frames(wire: bytes) -> list[bytes]:
+    from libp2p.utils.varint import decode_uvarint
+
+    out, i = [], 0
+    while i < len(wire):
+        j = i
+        while wire[j] & 0x80:
+            j += 1
+        n = decode_uvarint(wire[i:j + 1])
+        out.append(wire[j + 1:j + 1 + n])
+        i = j + 1 + n
+    return out
