@@ -138,6 +138,7 @@ def run_simulation(*, nodes: int, rounds: int, model: str, local_: int | None, e
                    swarm: str, seed: int, base_port: int, eval_every: int, extra: tuple[str, ...]) -> int:
     from protocol.identity import load_or_create_identity
 
+    models = [m.strip() for m in model.split(",") if m.strip()] or ["tiny"]  # node i runs models[i % len(models)]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     swarm = swarm or f"sim-{secrets.token_hex(3)}"
@@ -169,7 +170,8 @@ def run_simulation(*, nodes: int, rounds: int, model: str, local_: int | None, e
     statuses: dict[int, dict] = {}
     try:
         for i in range(nodes):
-            cmd = node_command(i, out=out_dir, swarm=swarm, model=model, rounds=rounds, local=local_, external=external,
+            cmd = node_command(i, out=out_dir, swarm=swarm, model=models[i % len(models)], rounds=rounds, local=local_,
+                               external=external,
                                seed=seed, p2p_port=p2p[i], status_port=status_ports[i],
                                bootstrap=None if i == 0 else seed_addr, eval_every=eval_every, extra=extra,
                                n_nodes=nodes)
@@ -218,6 +220,7 @@ def run_simulation(*, nodes: int, rounds: int, model: str, local_: int | None, e
 
     summary = summarize(out_dir, nodes, statuses)
     summary.update({"swarm": swarm, "rounds": rounds, "local": local_, "external": external, "model": model,
+                    "node_models": [models[i % len(models)] for i in range(nodes)],
                     "exit_codes": [p.returncode for p in procs], "stopped_early": stopping})
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_rewards(out_dir, nodes, out_dir / "rewards.png")

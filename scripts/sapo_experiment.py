@@ -59,6 +59,11 @@ def cname(c: tuple[int, int]) -> str:
     return f"{c[0]}/{c[1]}"
 
 
+def node_models(args: argparse.Namespace) -> list[str]:
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    return [models[i % len(models)] for i in range(args.nodes)]
+
+
 def run_dir(out: Path, c: tuple[int, int], seed: int) -> Path:
     return out / "runs" / f"{c[0]}-{c[1]}_seed{seed}"
 
@@ -75,13 +80,14 @@ def run_one(args: argparse.Namespace, c: tuple[int, int], seed: int, node_args: 
              "--checkpoint-every", str(max(1, args.rounds)), "--keep-checkpoints", "1", *node_args)
     t0 = time.time()
     with open(d / "simulate.log", "w") as log, contextlib.redirect_stdout(log):
-        rc = run_simulation(nodes=args.nodes, rounds=args.rounds, model="tiny", local_=local_, external=external,
+        rc = run_simulation(nodes=args.nodes, rounds=args.rounds, model=args.models, local_=local_, external=external,
                             out=str(d), swarm=swarm, seed=1000 * seed, base_port=0, eval_every=args.eval_every,
                             extra=extra)
     wall = time.time() - t0
     for i in range(args.nodes):  # checkpoints are not part of the result and cost ~12 MB per node
         shutil.rmtree(d / f"node-{i}" / "checkpoints", ignore_errors=True)
     meta = {"config": cname(c), "seed": seed, "swarm": swarm, "rc": rc, "wall_s": round(wall, 1), "local": local_,
+            "node_models": node_models(args),
             "external": external, "questions_per_round": questions, "node_seeds": [1000 * seed + i for i in range(args.nodes)]}
     (d / "run.json").write_text(json.dumps(meta, indent=2))
     return meta
@@ -143,7 +149,9 @@ def first_reach(curve: list[list[float]], target: float | None) -> int | None:
     return next((t for t, acc in curve if acc is not None and acc >= target - 1e-9), None)
 
 
-def aggregate(args: argparse.Namespace, configs: list[tuple[int, int]], seeds: list[int]) -> dict[str, Any]:
+def aggregate(args: argparse.Namespace, configs: list[tuple[int, int]], seeds: list[int],
+              subset: list[int] | None = None) -> dict[str, Any]:
+    """Per-config summary over all nodes, or over the nodes in `subset` (e.g. the ones running one model)."""
     out = Path(args.out)
     per: dict[str, dict[int, dict[str, Any]]] = {}
     raw: dict[str, dict[int, Any]] = {}
@@ -152,6 +160,8 @@ def aggregate(args: argparse.Namespace, configs: list[tuple[int, int]], seeds: l
             run = load_run(out, c, s, args.nodes)
             if run is None:
                 continue
+            if subset is not None:
+                run = {**run, "nodes": [run["nodes"][i] for i in subset]}
             raw.setdefault(cname(c), {})[s] = run
             per.setdefault(cname(c), {})[s] = run_stats(run, args.rounds)
     base = per.get(BASELINE, {})
@@ -293,6 +303,10 @@ def plot(args: argparse.Namespace, res: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def g(x: Any, fmt: str = "{:.3f}") -> str:
+    return "—" if x is None else fmt.format(x)
+
+
 def machine_line() -> str:
     cpu = ""
     with contextlib.suppress(OSError):
@@ -321,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--eval-size", type=int, default=200)
     p.add_argument("--out", required=True)
+    p.add_argument("--models", default="tiny",
+                   help="model per node, comma-separated, given to the nodes in turn (a mixed swarm: tiny,runs/models/small)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from runs already in --out")
     args = p.parse_args(argv)
     configs = parse_configs(args.configs)
@@ -354,8 +370,30 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_line()
     write_report(args, res, command, machine)
     plot(args, res, out / "curves.png")
+    by_model: dict[str, Any] = {}
+    models = node_models(args)
+    if len(set(models)) > 1:  # a mixed swarm: the same tables for each model's nodes
+        extra = ["", "## Per model", ""]
+        for m in sorted(set(models), key=models.index):
+            subset = [i for i, x in enumerate(models) if x == m]
+            sub = aggregate(args, configs, seeds, subset)
+            by_model[m] = {"nodes": subset, "target_heldout": sub["target_heldout"], "configs": sub["configs"]}
+            extra += [f"Nodes {subset} (`{m}`), against the same nodes in {BASELINE}:", "",
+                      "| config | cumulative reward | vs 8/0 | final held-out acc | vs 8/0 | rounds to reach 8/0's final |",
+                      "|---|---|---|---|---|---|"]
+            for name, st in sub["configs"].items():
+                extra.append(f"| {name} | {st['cumulative_reward']:.1f} | {g(st.get('cumulative_reward_vs_8_0'), '{:.2f}x')} | "
+                             f"{g(st['final_heldout'])} | {g(st.get('final_heldout_vs_8_0'), '{:.2f}x')} | "
+                             f"{st['rounds_to_target'] if st['rounds_to_target'] is not None else 'not reached'} |")
+            curves = ", ".join(f"{name}: " + " ".join(g(a) for _, a in st["heldout_curve"])
+                               for name, st in sub["configs"].items())
+            extra += ["", f"Held-out curves (every {args.eval_every} rounds): {curves}", ""]
+            plot(args, sub, out / f"curves_{Path(m).name}.png")
+        with open(out / "results.md", "a") as fh:
+            fh.write("\n".join(extra) + "\n")
     doc = {"command": command, "machine": machine, "nodes": args.nodes, "rounds": args.rounds, "scale": args.scale,
            "eval_every": args.eval_every, "eval_size": args.eval_size, "node_args": node_args, "seeds": seeds,
+           "models": models, "by_model": by_model,
            "target_heldout": res["target_heldout"], "configs": res["configs"], "per_run": res["per_run"],
            "raw": res["raw"]}
     (out / "results.json").write_text(json.dumps(doc, indent=1))

@@ -12,11 +12,15 @@ pytestmark = pytest.mark.slow
 
 def test_simulate_three_nodes_exchange_rollouts_and_write_summary_and_plot(tmp_path):
     out = tmp_path / "sim"
-    res = subprocess.run([sys.executable, "-m", "node.cli", "simulate", "--nodes", "3", "--rounds", "12", "--out", str(out)],
+    # a mixed swarm: node 1 loads the model from a directory, so it also runs with other defaults (8 questions, 4/4)
+    tiny_dir = str(ROOT / "node" / "assets" / "tiny")
+    res = subprocess.run([sys.executable, "-m", "node.cli", "simulate", "--nodes", "3", "--rounds", "12", "--out", str(out),
+                          "--model", f"tiny,{tiny_dir}"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["exit_codes"] == [0, 0, 0]
+    assert summary["node_models"] == ["tiny", tiny_dir, "tiny"]
     nodes = summary["nodes"]
     assert [n["rounds"] for n in nodes] == [12, 12, 12]
     for n in nodes:
@@ -24,6 +28,10 @@ def test_simulate_three_nodes_exchange_rollouts_and_write_summary_and_plot(tmp_p
         assert 0.0 <= n["mean_reward"] <= 1.0 and n["peer_id"].startswith("12D3KooW")
     png = (out / "rewards.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    # the nodes ran with the tiny model's defaults (16 own + 16 external groups a round), not a fixed 4/4
-    rows = [json.loads(x) for x in (out / "node-1" / "metrics.jsonl").read_text().splitlines()]
-    assert max(r["n_local"] + r["n_external"] for r in rows) > 8
+    # the tiny nodes ran with the tiny model's defaults (16 own + 16 external groups a round), not a fixed 4/4;
+    # the directory-loaded node with the general defaults (I + J <= 8)
+    def rows(i: int) -> list[dict]:
+        return [json.loads(x) for x in (out / f"node-{i}" / "metrics.jsonl").read_text().splitlines()]
+
+    assert max(r["n_local"] + r["n_external"] for r in rows(0)) > 8
+    assert max(r["n_local"] + r["n_external"] for r in rows(1)) <= 8
