@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ def setup_logging(cfg: NodeConfig, peer_hint: str = "node") -> Path:
     path = Path(cfg.log_file) if cfg.log_file else data_dir() / "logs" / f"{peer_hint}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    file_handler = logging.FileHandler(path)
+    # bounded: a node runs for weeks; 4 files of 10 MB each at most
+    file_handler = logging.handlers.RotatingFileHandler(path, maxBytes=10_000_000, backupCount=3)
     file_handler.setFormatter(fmt)
     err = logging.StreamHandler(sys.stderr)
     err.setLevel(logging.WARNING)
