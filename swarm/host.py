@@ -203,9 +203,52 @@ def peer_id_str(pid: ID | bytes) -> str:
     return (pid if isinstance(pid, ID) else ID(pid)).to_base58()
 
 
-async def disconnect_quietly(host: IHost, peer: ID) -> None:
+def abort_connection(conn: Any) -> bool:
+    """Close a libp2p connection's TCP socket at once, without the muxer's goodbye.
+
+    A graceful close writes a GO_AWAY frame; on a dead link whose send buffer is already full (gossip kept writing into
+    it) that write never completes, so `host.disconnect` hangs and the connection stays registered. Closing the socket
+    makes every pending read and write on it fail, and py-libp2p's own error paths then drop the connection and the
+    peer. Walks swarm conn -> muxer -> secure session -> transport -> raw connection -> trio.SocketStream.
+    """
+    seen: set[int] = set()
+    obj = conn
+    for _ in range(10):
+        if isinstance(obj, trio.SocketStream):
+            trio.lowlevel.notify_closing(obj.socket)
+            obj.socket.close()
+            return True
+        seen.add(id(obj))
+        nxt = None
+        for name in ("muxed_conn", "secured_conn", "conn", "read_writer", "stream"):
+            v = getattr(obj, name, None)
+            if v is not None and id(v) not in seen:
+                nxt = v
+                break
+        if nxt is None:
+            return False
+        obj = nxt
+    return False
+
+
+async def drop_dead_peer(host: IHost, peer: ID) -> None:
+    """Disconnect a peer that stopped answering: gracefully if that completes quickly, else abort its sockets."""
+    await disconnect_quietly(host, peer, timeout_s=2.0)
     try:
-        with trio.move_on_after(5):
+        conns = list(host.get_network().get_connections(peer))
+    except Exception:
+        return
+    for conn in conns:
+        try:
+            if not abort_connection(conn):
+                log.debug("could not find the socket of a connection to %s", peer)
+        except Exception:
+            log.debug("aborting a connection to %s failed", peer, exc_info=True)
+
+
+async def disconnect_quietly(host: IHost, peer: ID, timeout_s: float = 5.0) -> None:
+    try:
+        with trio.move_on_after(timeout_s):
             await host.disconnect(peer)
     except Exception:
         log.debug("disconnect %s failed", peer, exc_info=True)

@@ -43,7 +43,7 @@ from protocol.messages import (
 
 from .discovery import Discovery
 from .liveness import Liveness
-from .host import build_host, build_pubsub, build_router, disconnect_quietly, peer_id_str
+from .host import build_host, build_pubsub, build_router, disconnect_quietly, drop_dead_peer, peer_id_str
 from .shards import base_topic, epoch_of, home_shard, lobby_topic, shard_topic, subscribed_shards
 from .validator import REASONS, MessageValidator, PeerStanding, RateLimit, Rejected, TokenBucket
 
@@ -203,7 +203,7 @@ class Mesh:
                         if cfg.ping_interval_s > 0:
                             self._liveness = Liveness(host, interval_s=cfg.ping_interval_s, timeout_s=cfg.ping_timeout_s,
                                                       max_misses=cfg.ping_max_misses,
-                                                      on_dead=lambda pid: disconnect_quietly(host, pid))
+                                                      on_dead=lambda pid: drop_dead_peer(host, pid))
                             nursery.start_soon(self._liveness.run)
                         log.info("mesh %s listening on %s", self.topic, " ".join(self._listen_addrs))
                         task_status.started()

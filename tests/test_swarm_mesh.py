@@ -377,3 +377,20 @@ def _split_frames(wire: bytes) -> list[bytes]:
         out.append(wire[j + 1:j + 1 + n])
         i = j + 1 + n
     return out
+
+
+async def test_aborting_a_connection_drops_the_peer() -> None:
+    """What liveness does when a graceful close cannot complete (a dead link with a full send buffer): closing the TCP
+    socket under the muxer makes py-libp2p drop the connection and the pubsub peer by its own error paths."""
+    from swarm.host import abort_connection
+
+    async with trio.open_nursery() as n:
+        a = await start(n, ping_interval_s=0)
+        b = await start(n, a, ping_interval_s=0)
+        await wait_until(lambda: b.peer_id in a.peers() and a.peer_id in b.peers())
+        conns = list(a._host.get_network().get_connections(ID.from_base58(b.peer_id)))
+        assert conns and all(abort_connection(c) for c in conns)
+        # b may redial a at once (a is its bootstrap), so check that the aborted connections are gone, not the peer
+        await wait_until(lambda: not any(c in conns for c in a._host.get_network().get_connections(
+            ID.from_base58(b.peer_id))), timeout=10)
+        n.cancel_scope.cancel()
