@@ -71,6 +71,8 @@ HELP = {
               "(a hash of its peer ID) and listens to --shard-fanin shards; see docs/scale.md.",
     "shard_fanin": "Shards a node listens to: its home shard + rotating others (at most --shards).",
     "shard_rotate_rounds": "Rounds between rotations of the non-home shards a node listens to.",
+    "ping_interval_s": "Seconds between liveness pings to each peer; a peer that misses 3 is dropped (0 = off).",
+    "ping_timeout_s": "Seconds a peer has to answer a liveness ping.",
 }
 FLAGS = {"resume", "offline", "mdns"}  # presence flags
 OPTIONAL_TYPES = {"local": int, "external": int, "questions_per_round": int, "max_external_per_peer": int,

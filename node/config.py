@@ -109,6 +109,9 @@ class NodeConfig:
     shards: int = 1
     shard_fanin: int = 2  # shards a node listens to: its home shard + (fanin - 1) rotating others
     shard_rotate_rounds: int = 10
+    # liveness (swarm.liveness): ping every peer this often; 3 pings missed by --ping-timeout-s drop it (0: off)
+    ping_interval_s: float = 10.0
+    ping_timeout_s: float = 15.0
 
     def __post_init__(self) -> None:
         for name, value in model_defaults(self.model).items():
@@ -133,6 +136,8 @@ class NodeConfig:
             (1 <= self.shards <= MAX_SHARDS, f"--shards must be between 1 and {MAX_SHARDS} (the same on every node)"),
             (self.shard_fanin >= 1, "--shard-fanin must be >= 1 (1 = only the home shard)"),
             (self.shard_rotate_rounds >= 1, "--shard-rotate-rounds must be >= 1"),
+            (self.ping_interval_s >= 0 and self.ping_timeout_s > 0,
+             "--ping-interval-s must be >= 0 (0 = no liveness pings) and --ping-timeout-s > 0"),
             (self.min_peers >= 0 and self.peer_wait_s >= 0, "--min-peers and --peer-wait-s must be >= 0"),
             (bool(self.swarm) and len(self.swarm) <= 64 and self.swarm.replace("-", "").replace("_", "").replace(".", "").isalnum(),
              "--swarm must be 1-64 characters of letters, digits, '-', '_' or '.'"),

@@ -187,6 +187,7 @@ class NodeRuntime:
                         swarm=self.cfg.swarm, listen=self.cfg.listen, bootstrap=tuple(self.cfg.bootstrap),
                         max_age_s=self.cfg.max_staleness_s, mdns=self.cfg.mdns, shards=self.cfg.shards,
                         shard_fanin=self.cfg.shard_fanin, shard_rotate_rounds=self.cfg.shard_rotate_rounds,
+                        ping_interval_s=self.cfg.ping_interval_s, ping_timeout_s=self.cfg.ping_timeout_s,
                     ),
                 )
                 await nursery.start(self.mesh.run)

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 class Liveness:
     def __init__(self, host: IHost, *, interval_s: float = 10.0, timeout_s: float = 15.0, max_misses: int = 3,
-                 max_lag_s: float = 2.0, on_dead: Callable[[ID], Awaitable[None]] | None = None) -> None:
+                 max_lag_s: float = 5.0, on_dead: Callable[[ID], Awaitable[None]] | None = None) -> None:
         self.host = host
         self.interval_s, self.timeout_s, self.max_misses = interval_s, timeout_s, max_misses
         self.max_lag_s = max_lag_s
@@ -36,29 +36,45 @@ class Liveness:
         self.rtt_ms: dict[str, float] = {}  # peer -> last round trip
         self.dropped = 0  # connections closed for not answering
         self.lagged_cycles = 0  # cycles that counted no misses because our own loop was late
+        self._inflight: set[ID] = set()  # peers with a ping still running (possibly stuck)
 
     async def run(self) -> None:
-        while True:
-            t0 = trio.current_time()
-            await trio.sleep(self.interval_s)
-            lagged = trio.current_time() - t0 - self.interval_s > self.max_lag_s
-            peers = list(self.host.get_connected_peers())
-            self.misses = {p: n for p, n in self.misses.items() if p in peers}
-            self.rtt_ms = {k: v for k, v in self.rtt_ms.items() if any(p.to_base58() == k for p in peers)}
-            results: dict[ID, float | None] = {}
-            t1 = trio.current_time()
-            async with trio.open_nursery() as nursery:  # all peers at once: one slow peer must not delay the rest
+        # Pings run as background tasks and the cycle waits for them only until the timeout: on a dead link a ping can
+        # block inside py-libp2p past its own cancellation (a yamux write on a full send buffer), and a stuck ping must
+        # count as a miss, not stall the whole check.
+        async with trio.open_nursery() as background:
+            while True:
+                t0 = trio.current_time()
+                await trio.sleep(self.interval_s)
+                lagged = trio.current_time() - t0 - self.interval_s > self.max_lag_s
+                peers = list(self.host.get_connected_peers())
+                self.misses = {p: n for p, n in self.misses.items() if p in peers}
+                self.rtt_ms = {k: v for k, v in self.rtt_ms.items() if any(p.to_base58() == k for p in peers)}
+                results: dict[ID, float | None] = {}
+                waiting = []
                 for pid in peers:
-                    nursery.start_soon(self._ping_into, pid, results)
-            # the pings themselves can overrun because we are starved: the nursery ends well after the last timeout
-            lagged = lagged or trio.current_time() - t1 - self.timeout_s > self.max_lag_s
-            if lagged:
-                self.lagged_cycles += 1
-            for pid, rtt in results.items():
-                await self._count(pid, rtt, lagged)
+                    if pid in self._inflight:  # the previous ping never came back: another miss
+                        continue
+                    done = trio.Event()
+                    waiting.append(done)
+                    self._inflight.add(pid)
+                    background.start_soon(self._ping_into, pid, results, done)
+                t1 = trio.current_time()
+                with trio.move_on_after(self.timeout_s + 1.0):
+                    for done in waiting:
+                        await done.wait()
+                lagged = lagged or trio.current_time() - t1 - (self.timeout_s + 1.0) > self.max_lag_s
+                if lagged:
+                    self.lagged_cycles += 1
+                for pid in peers:
+                    await self._count(pid, results.get(pid), lagged)
 
-    async def _ping_into(self, pid: ID, results: dict[ID, float | None]) -> None:
-        results[pid] = await self.ping(pid)
+    async def _ping_into(self, pid: ID, results: dict[ID, float | None], done: trio.Event) -> None:
+        try:
+            results[pid] = await self.ping(pid)
+        finally:
+            self._inflight.discard(pid)
+            done.set()
 
     async def _count(self, pid: ID, rtt: float | None, lagged: bool) -> None:
         if rtt is not None:

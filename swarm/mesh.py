@@ -303,6 +303,7 @@ class Mesh:
                 "dials_failed": self._discovery.dials_failed if self._discovery else 0,
                 "unresponsive_dropped": self._liveness.dropped if self._liveness else 0,
                 "ping_ms": dict(self._liveness.rtt_ms) if self._liveness else {},
+                "ping_lagged_cycles": self._liveness.lagged_cycles if self._liveness else 0,
             }
 
     # ---- publishing -----------------------------------------------------------------------------------------

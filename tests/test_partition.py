@@ -15,8 +15,8 @@ Bootstrap: a2 -> a1, b1 -> a1, b2 -> b1. So b1 keeps retrying its bootstrap link
 
 Two outages, one after the other, on the same four processes:
 - "short": restored as soon as both sides have trained through the cut (seconds on an idle machine), before the
-  nodes' liveness check (swarm/liveness.py: a ping every 10 s, the connection closed after 3 pings missed by 15 s,
-  i.e. ~1 min of silence) gives up on the connections across it: they hang and then resume.
+  nodes' liveness check (swarm/liveness.py; here a ping every 3 s, the connection closed after 3 pings missed by 5 s,
+  i.e. ~25 s of silence; the defaults are 10 s / 15 s) gives up on the connections across it: they hang and resume.
   Checked: connections that hang do not stall either side, and rollouts flow across again.
 - "long": default TCP settings too (TCP alone would keep a silent connection for ~15 min), but the cut lasts until
   every node has dropped the other side's peers, which only the liveness check does; after the restore the mesh
@@ -223,11 +223,13 @@ def test_partition_heals_without_restarts(topology, nodes):
         return pred
 
     # ---- one mesh of four: everybody peers with everybody and has rollouts from everybody ------------------------
-    a1.start(SWARM)
+    # liveness faster than the 10 s / 15 s defaults, so the long outage is detected in ~30 s instead of ~80 s
+    live = ["--ping-interval-s", "3", "--ping-timeout-s", "5"]
+    a1.start(SWARM, extra=live)
     wait_for(lambda: statuses([a1])["a1"], 90, "a1's status server", everyone)
-    a2.start(SWARM, [a1.addr])
-    b1.start(SWARM, [a1.addr])
-    b2.start(SWARM, [b1.addr])
+    a2.start(SWARM, [a1.addr], extra=live)
+    b1.start(SWARM, [a1.addr], extra=live)
+    b2.start(SWARM, [b1.addr], extra=live)
     wait_for(until(lambda s: all(peers_of(s, n) == set(others[n]) and all(got(s, n, o) > 0 for o in others[n])
                                  for n in others)),
              120, "all four nodes to peer with each other and exchange rollouts", everyone)
