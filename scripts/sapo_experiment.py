@@ -204,6 +204,11 @@ def aggregate(args: argparse.Namespace, configs: list[tuple[int, int]], seeds: l
     return {"target_heldout": target, "configs": summary, "per_run": per, "raw": raw}
 
 
+def f(x: Any, fmt: str = "{:.3f}") -> str:
+    """A number for the report, or a dash when there is none."""
+    return "—" if x is None else fmt.format(x)
+
+
 def write_report(args: argparse.Namespace, res: dict[str, Any], command: str, machine: str) -> None:
     out = Path(args.out)
     summ = res["configs"]
@@ -231,9 +236,6 @@ def write_report(args: argparse.Namespace, res: dict[str, Any], command: str, ma
         if res["target_heldout"] is not None else "| config | cumulative reward | vs 8/0 | final held-out | vs 8/0 | rounds to target | / rounds |",
         "|---|---|---|---|---|---|---|",
     ]
-
-    def f(x: Any, fmt: str = "{:.3f}") -> str:
-        return "—" if x is None else fmt.format(x)
 
     for name, s in summ.items():
         a, b = map(int, name.split("/"))
@@ -301,10 +303,6 @@ def plot(args: argparse.Namespace, res: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def g(x: Any, fmt: str = "{:.3f}") -> str:
-    return "—" if x is None else fmt.format(x)
 
 
 def machine_line() -> str:
@@ -382,10 +380,10 @@ def main(argv: list[str] | None = None) -> int:
                       "| config | cumulative reward | vs 8/0 | final held-out acc | vs 8/0 | rounds to reach 8/0's final |",
                       "|---|---|---|---|---|---|"]
             for name, st in sub["configs"].items():
-                extra.append(f"| {name} | {st['cumulative_reward']:.1f} | {g(st.get('cumulative_reward_vs_8_0'), '{:.2f}x')} | "
-                             f"{g(st['final_heldout'])} | {g(st.get('final_heldout_vs_8_0'), '{:.2f}x')} | "
+                extra.append(f"| {name} | {st['cumulative_reward']:.1f} | {f(st.get('cumulative_reward_vs_8_0'), '{:.2f}x')} | "
+                             f"{f(st['final_heldout'])} | {f(st.get('final_heldout_vs_8_0'), '{:.2f}x')} | "
                              f"{st['rounds_to_target'] if st['rounds_to_target'] is not None else 'not reached'} |")
-            curves = ", ".join(f"{name}: " + " ".join(g(a) for _, a in st["heldout_curve"])
+            curves = ", ".join(f"{name}: " + " ".join(f(a) for _, a in st["heldout_curve"])
                                for name, st in sub["configs"].items())
             extra += ["", f"Held-out curves (every {args.eval_every} rounds): {curves}", ""]
             plot(args, sub, out / f"curves_{Path(m).name}.png")

@@ -49,7 +49,8 @@ class Liveness:
                 lagged = trio.current_time() - t0 - self.interval_s > self.max_lag_s
                 peers = list(self.host.get_connected_peers())
                 self.misses = {p: n for p, n in self.misses.items() if p in peers}
-                self.rtt_ms = {k: v for k, v in self.rtt_ms.items() if any(p.to_base58() == k for p in peers)}
+                names = {p.to_base58() for p in peers}
+                self.rtt_ms = {k: v for k, v in self.rtt_ms.items() if k in names}
                 results: dict[ID, float | None] = {}
                 waiting = []
                 for pid in peers:
