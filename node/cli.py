@@ -28,6 +28,7 @@ HELP = {
     "group_size": "Completions per question (the GRPO group).",
     "max_external_per_peer": "At most this many of one peer's groups per round.",
     "max_staleness_s": "Peers' groups older than this many seconds are dropped.",
+    "newcomer_probation_s": "Peers first heard from less than this many seconds ago get at most a quarter of the external slots, after older peers.",
     "share": "What to publish: all groups, only those with mixed rewards (nonzero), or none.",
     "temperature": "Sampling temperature (also used for training log-probs).",
     "top_p": "Nucleus sampling.",

@@ -62,6 +62,7 @@ class NodeConfig:
     group_size: int = 8
     max_external_per_peer: int | None = None  # per round: one peer cannot dominate a round's batch
     max_staleness_s: float = 900.0  # peers' groups older than this are dropped
+    newcomer_probation_s: float = 60.0  # senders newer than this are last in line for J slots (swarm.pool)
     share: str = "all"  # "all" | "nonzero" (only groups with mixed rewards) | "none"
     # generation
     temperature: float = 1.0
@@ -131,6 +132,7 @@ class NodeConfig:
             (0 <= self.status_port <= 65535, "--status-port must be a TCP port (0-65535)"),
             (self.share in ("all", "nonzero", "none"), "--share must be all, nonzero or none"),
             (self.max_external_per_peer >= 1, "--max-external-per-peer must be >= 1"),
+            (self.newcomer_probation_s >= 0, "--newcomer-probation-s must be >= 0"),
             (self.eval_every >= 0 and self.eval_size >= 1, "--eval-every must be >= 0 and --eval-size >= 1"),
             (self.threads >= 0, "--threads must be >= 0"),
             (1 <= self.shards <= MAX_SHARDS, f"--shards must be between 1 and {MAX_SHARDS} (the same on every node)"),

@@ -16,13 +16,22 @@ from typing import Iterable, Sequence
 import torch
 
 from node.config import NodeConfig
-from node.generation import SamplingConfig, generate_groups, greedy_answers
+from node.generation import SamplingConfig, eos_token_ids, generate_groups, greedy_answers
 from node.grpo import GRPOConfig, GRPOTrainer, TrainGroup
 from node.policy import Policy
 from protocol.messages import Rollout, TaskRef
 from verifiers.prompts import build_prompt
 from verifiers.rewards import RewardPolicy, reward
-from verifiers.tasks import Task, TaskError, build_task, heldout_refs, parse_task_weights, sample_refs
+from verifiers.tasks import (
+    Task,
+    TaskError,
+    build_task,
+    foreign_ref_reason,
+    heldout_refs,
+    parse_task_weights,
+    sample_refs,
+    training_configs,
+)
 
 log = logging.getLogger("swarm_node.learner")
 
@@ -75,6 +84,7 @@ class Learner:
         self.cfg = cfg
         self.rng = rng
         self.task_weights = parse_task_weights(cfg.tasks)
+        self.train_configs = training_configs(self.task_weights)  # what we sample; peers' refs must match it
         self.reward_policy = RewardPolicy(mode=cfg.reward_mode, format_reward=cfg.format_reward)
         self.sampling = SamplingConfig(
             temperature=cfg.temperature,
@@ -106,6 +116,7 @@ class Learner:
         self.trainer = GRPOTrainer(policy.model, self.grpo, pad_token_id=policy.tokenizer.pad_token_id, ref_model=ref_model)
         self.rejected: Counter[str] = Counter()  # peers' groups dropped while rescoring, by reason
         self._prompt_cache: dict[str, tuple[int, ...]] = {}
+        self._eos_ids = set(eos_token_ids(policy))
 
     # -- own experience -------------------------------------------------------------------------------------------
     def rollout(self, round_: int) -> list[ScoredGroup]:
@@ -131,11 +142,19 @@ class Learner:
 
     # -- peers' experience ----------------------------------------------------------------------------------------
     def rescore(self, rollouts: Iterable[tuple[Rollout, str]]) -> list[ScoredGroup]:
-        """Rebuilds each shared task from its reference, re-tokenizes the text and scores it with our own verifier."""
+        """Rebuilds each shared task from its reference, re-tokenizes the text and scores it with our own verifier.
+
+        Only refs this node could have drawn itself are kept (its families and configs, training split), and what is
+        scored is exactly what is trained: the text decoded from the kept tokens, cut at the first EOS and at our own
+        generation budget. A completion that does not fit the budget is kept as truncated (no EOS), never as finished,
+        so an answer hidden past the budget or after an EOS earns nothing.
+        """
         out = []
-        eos = self.policy.tokenizer.eos_token_id
-        limit = self.sampling.max_new_tokens
         for rollout, sender in rollouts:
+            why = self.foreign_reason(rollout.task)
+            if why is not None:  # checked before anything is built: a foreign ref costs us nothing
+                self.rejected[why] += 1
+                continue
             try:
                 task = build_task(rollout.task)
             except TaskError as e:  # a task we cannot rebuild is a task we cannot verify
@@ -147,13 +166,12 @@ class Learner:
                 continue
             prompt = self._prompt(task)
             # a peer's group counts like one of ours: no more completions than our own group size
-            texts = rollout.completions[: self.cfg.group_size]
-            ids, truncated = [], []
-            for text in texts:
-                toks = self.policy.tokenizer(text, add_special_tokens=False)["input_ids"]
-                # A shared completion is a finished answer: it ends with our EOS unless it exceeds our length budget.
-                truncated.append(len(toks) >= limit + 1)
-                ids.append(tuple(toks[:limit]) if truncated[-1] else tuple(toks) + (eos,))
+            texts, ids, truncated = [], [], []
+            for text in rollout.completions[: self.cfg.group_size]:
+                t, i, cut = self._fit_completion(text)
+                texts.append(t)
+                ids.append(i)
+                truncated.append(cut)
             out.append(
                 ScoredGroup(
                     ref=task.ref,
@@ -166,6 +184,28 @@ class Learner:
                 )
             )
         return out
+
+    def foreign_reason(self, ref: TaskRef) -> str | None:
+        """Why a peer's ref is outside what this node trains on (None: it is inside). Cheap, no task is built."""
+        return foreign_ref_reason(ref, self.train_configs)
+
+    def _fit_completion(self, text: str) -> tuple[str, tuple[int, ...], bool]:
+        """(the text that is trained, its token ids, truncated) for a peer's completion, as if our policy wrote it.
+
+        Mirrors generation: at most max_new_tokens tokens including the EOS; a completion whose body needs all of them
+        is truncated (no EOS). The returned text is decoded from the kept tokens, as generation decodes its own.
+        """
+        tok = self.policy.tokenizer
+        limit = self.sampling.max_new_tokens
+        toks = tok(text, add_special_tokens=False)["input_ids"]
+        cut = next((k for k, t in enumerate(toks) if t in self._eos_ids), None)
+        body = toks if cut is None else toks[:cut]  # a peer's EOS ends the completion where our model would stop
+        truncated = len(body) >= limit
+        body = body[:limit]
+        pad = tok.pad_token_id
+        shown = tok.decode([t for t in body if t != pad], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        ids = tuple(body) if truncated else tuple(body) + (tok.eos_token_id,)
+        return shown, ids, truncated
 
     # -- the update -----------------------------------------------------------------------------------------------
     def train(self, groups: Sequence[ScoredGroup]) -> dict[str, float]:

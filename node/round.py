@@ -29,6 +29,7 @@ async def run_round(node: "NodeRuntime", r: int) -> dict[str, Any]:
 
     external = await trio.to_thread.run_sync(learner.rescore, [(p.rollout, p.sender) for p in pooled])
     own, ext = choose_training_groups(local, external, cfg.local, cfg.external, node.rng)
+    node.trained_from.update(g.source for g in ext)
     t_train = time.monotonic()
     stats = await trio.to_thread.run_sync(learner.train, own + ext)
     t_done = time.monotonic()

@@ -4,6 +4,7 @@ a round never waits on the network.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from node.policy import Policy
 from node.round import run_round
 from node.status import serve_status
 from protocol.identity import Identity
+from protocol.messages import RolloutBatch
 from swarm.pool import ExperiencePool, PooledGroup
 
 log = logging.getLogger("swarm_node")
@@ -40,7 +42,7 @@ class NodeRuntime:
         self.rng = random.Random(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.learner = Learner(policy, cfg, self.rng)
-        self.pool = ExperiencePool(max_age_s=cfg.max_staleness_s)
+        self.pool = ExperiencePool(max_age_s=cfg.max_staleness_s, probation_s=cfg.newcomer_probation_s)
         self.mesh: Any = None  # swarm.mesh.Mesh when online
         self.on_round = on_round
         self.round = 0  # next round to run
@@ -50,6 +52,8 @@ class NodeRuntime:
         self.stop_requested = False
         self.inbound_groups = 0  # groups added to the pool since the last round
         self.received_from: Counter[str] = Counter()  # groups accepted into the pool, by the peer that made them
+        self.refused_refs: Counter[str] = Counter()  # peers' groups refused before the pool, by reason
+        self.trained_from: Counter[str] = Counter()  # peers' groups trained on, by the peer that made them
         self.totals = {"rollouts_in": 0, "rollouts_out": 0, "rounds": 0}
         self._publish_send, self._publish_recv = trio.open_memory_channel[tuple[int, list]](4)
         self.dropped_publishes = 0
@@ -113,10 +117,23 @@ class NodeRuntime:
     # -- background tasks -----------------------------------------------------------------------------------------
     async def _feed_pool(self) -> None:
         async for rec in self.mesh.incoming:
-            added = self.pool.add_batch(rec.batch, rec.received_at)
+            batch = self._admissible(rec.batch)
+            added = self.pool.add_batch(batch, rec.received_at, via=rec.via or None)
             self.inbound_groups += added
             self.received_from[rec.from_peer] += added
             self.totals["rollouts_in"] += added
+
+    def _admissible(self, batch: RolloutBatch) -> RolloutBatch:
+        """The batch without groups on refs we would never train on (held-out, other families or configs): they must
+        not take pool space from groups we can use."""
+        kept = []
+        for rollout in batch.rollouts:
+            why = self.learner.foreign_reason(rollout.task)
+            if why is None:
+                kept.append(rollout)
+            else:
+                self.refused_refs[why] += 1
+        return batch if len(kept) == len(batch.rollouts) else dataclasses.replace(batch, rollouts=tuple(kept))
 
     async def _publish(self) -> None:
         async for r, rollouts in self._publish_recv:
@@ -141,7 +158,8 @@ class NodeRuntime:
         if mesh_stats is None:
             mesh_stats = self.mesh.stats() if self.mesh is not None else {}
         out = dict(mesh_stats.get("rejections_by_reason", {}))
-        out.update({f"rescore:{k}": v for k, v in self.learner.rejected.items()})
+        rescored = self.learner.rejected + self.refused_refs
+        out.update({f"rescore:{k}": v for k, v in rescored.items()})
         return out
 
     def status(self) -> dict[str, Any]:
@@ -161,6 +179,7 @@ class NodeRuntime:
             "last_round": self.history[-1] if self.history else None,
             "pool": self.pool.stats(),
             "received_from": dict(self.received_from),
+            "trained_from": dict(self.trained_from),
             "rejections": rejections,
             "mesh": mesh_stats,
             "throughput": {

@@ -106,6 +106,7 @@ class Received:
     size: int  # sealed envelope bytes
 
 
+    via: str = ""  # the connected peer that handed it to us (the pool bounds young senders per connection)
 @dataclass
 class _Counters:
     accepted: int = 0
@@ -147,7 +148,7 @@ class Mesh:
         self.incoming: trio.MemoryReceiveChannel[Received] = recv
         self._lock = threading.Lock()  # guards counters/snapshots read by stats() from other threads
         self._c = _Counters()
-        self._stash: OrderedDict[bytes, tuple[Message, int]] = OrderedDict()  # libp2p msg id -> validated message
+        self._stash: OrderedDict[bytes, tuple[Message, int, str]] = OrderedDict()  # libp2p msg id -> validated message
         self._delivered: OrderedDict[bytes, None] = OrderedDict()  # recent delivered msg ids (bounded), see _validate
         self._my_id_bytes = ID.from_base58(identity.peer_id).to_bytes()
         self._round = 0
@@ -478,7 +479,7 @@ class Mesh:
                     log.debug("rejected %s from %s via %s", r.reason, publisher, fwd)
                 else:
                     banned = []
-                    self._stash[msg_id] = (decoded, len(msg.data))
+                    self._stash[msg_id] = (decoded, len(msg.data), fwd)
                     while len(self._stash) > 1024:  # accepted but never delivered (e.g. pubsub dropped it later)
                         self._stash.popitem(last=False)
                     return True
@@ -501,7 +502,7 @@ class Mesh:
         if entry is None:
             log.debug("validated message without a stash entry; dropped")
             return
-        decoded, size = entry
+        decoded, size, via = entry
         now = time.time()
         if isinstance(decoded, Hello):
             with self._lock:
@@ -517,7 +518,7 @@ class Mesh:
             self._c.latency_ms.append((now - decoded.created_at) * 1000.0)
             del self._c.latency_ms[:-1000]
         try:
-            self._send.send_nowait(Received(decoded, decoded.sender, now, size))
+            self._send.send_nowait(Received(decoded, decoded.sender, now, size, via))
         except trio.WouldBlock:
             with self._lock:
                 self._c.incoming_dropped += 1

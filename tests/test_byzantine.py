@@ -122,7 +122,8 @@ def test_invalid_peers_are_banned(attacked):
 
 
 def test_unknown_tasks_are_dropped_at_rescoring(attacked):
-    total = sum(s["rejections"].get("rescore:unknown_task", 0) for s in attacked["after"].values())
+    reasons = ("unknown_task", "foreign_task", "foreign_config", "heldout_ref")
+    total = sum(s["rejections"].get(f"rescore:{r}", 0) for s in attacked["after"].values() for r in reasons)
     assert total > 0, {n: s["rejections"] for n, s in attacked["after"].items()}
 
 

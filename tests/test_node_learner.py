@@ -57,7 +57,7 @@ def test_rescore_uses_only_the_task_ref_and_the_text(policy):
     groups = learner.rescore([(shared, "peerA"), (bogus, "peerB")])
     assert len(groups) == 1 and groups[0].rewards == (1.0, 0.0, 0.0)
     assert groups[0].external and groups[0].source == "peerA"
-    assert learner.rejected["unknown_task"] == 1
+    assert learner.rejected["foreign_task"] == 1
     eos = policy.tokenizer.eos_token_id
     assert all(ids[-1] == eos for ids in groups[0].completion_ids)  # re-tokenized as finished answers
     assert policy.tokenizer.decode(groups[0].completion_ids[0][:-1]) == f"<answer>{gold}</answer>"
@@ -110,3 +110,54 @@ def test_metrics_lines_have_the_documented_fields(tmp_path):
     assert [r["round"] for r in rows] == [0, 1]
     for key in ("round", "reward_mean", "n_local", "n_external", "peers", "wall_s", "loss", "entropy", "tokens"):
         assert key in rows[0], key
+
+
+# -- what a peer's group may and may not earn at rescoring (security issue, items 1 and 2) ---------------------------
+
+def _attack_learner(policy):
+    return Learner(policy, NodeConfig(offline=True), random.Random(0))
+
+
+def test_an_answer_hidden_past_the_budget_earns_nothing(policy):
+    learner = _attack_learner(policy)  # tiny: max_new_tokens 8
+    ref = make_ref("arith", 7, 3)
+    gold, wrong = build_task(ref).answer, "0"
+    comps = (
+        f"<answer>{wrong}</answer>" + " " * 10 + f"<answer>{gold}</answer>",  # right answer after the budget
+        "x" * 8000 + f"<answer>{gold}</answer>",  # right answer after 8,000 chars of filler
+        f"<answer>{wrong}</answer></s><answer>{gold}</answer>",  # right answer after an EOS
+        f"<answer>{gold}</answer>",  # honest and short: still worth 1
+    )
+    (g,) = learner.rescore([(Rollout(ref, comps, (1.0,) * 4), "peer")])
+    assert g.rewards == (0.0, 0.0, 0.0, 1.0)
+    assert g.truncated == (True, True, False, False)
+    assert all(len(ids) <= learner.sampling.max_new_tokens for ids in g.completion_ids)
+    # what is scored is what is trained: the text decoded from the trained tokens
+    for text, ids, cut in zip(g.completions, g.completion_ids, g.truncated):
+        body = ids if cut else ids[:-1]
+        assert policy.tokenizer.decode(body, skip_special_tokens=False) == text
+    assert g.completions[2] == f"<answer>{wrong}</answer>"
+
+
+@pytest.mark.parametrize("ref, reason", [
+    (TaskRef.make("arith", {"digits": 2, "ops": "+", "split": "test"}, 2**31 + 5, 1), "heldout_ref"),
+    (TaskRef.make("arith", {"digits": 3, "ops": "+", "split": "train"}, 5, 1), "foreign_config"),
+    (TaskRef.make("arith", {"digits": 2, "ops": "+*", "split": "train"}, 5, 1), "foreign_config"),
+    (TaskRef.make("bf", {"difficulty": 2}, 5, 1), "foreign_task"),
+    (TaskRef.make("basic_arithmetic", {}, 5, 1), "foreign_task"),
+])
+def test_refs_outside_the_training_distribution_are_refused(policy, ref, reason):
+    learner = _attack_learner(policy)
+    assert learner.rescore([(Rollout(ref, ("<answer>1</answer>", "<answer>2</answer>"), None), "peer")]) == []
+    assert learner.rejected == {reason: 1}
+
+
+def test_the_heldout_split_used_by_evaluate_is_refused(policy):
+    from verifiers.tasks import heldout_refs
+    learner = _attack_learner(policy)
+    refs = heldout_refs("arith", 5)
+    groups = learner.rescore([(Rollout(r, ("<answer>1</answer>", "<answer>2</answer>"), None), "p") for r in refs])
+    assert groups == [] and learner.rejected["heldout_ref"] == 5
+    # a partial config that means the node's own is fine (defaults fill in)
+    ok = TaskRef.make("arith", {"digits": 2}, 5, 1)
+    assert len(learner.rescore([(Rollout(ok, ("a", "b"), None), "p")])) == 1

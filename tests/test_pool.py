@@ -46,14 +46,15 @@ def test_add_records_metadata() -> None:
     assert (g.sender, g.sender_round, g.sender_model, g.received_at) == ("peerA", 9, "qwen", 1000.0)
 
 
-def test_count_bound_evicts_oldest() -> None:
+def test_count_bound_evicts_oldest_of_the_largest_holder() -> None:
     clock = FakeClock()
     pool = ExperiencePool(max_groups=5, max_per_peer=100, clock=clock)
     assert pool.add_batch(batch("A", [rollout(i) for i in range(4)]), clock.t) == 4
     assert pool.add_batch(batch("B", [rollout(i) for i in range(10, 14)]), clock.t) == 4
     assert len(pool) == 5
     left = sorted(g.rollout.task.index for g in pool.take(10, rng=random.Random(1)))
-    assert left == [3, 10, 11, 12, 13]
+    # the newcomer B does not push A out wholesale: each loses its oldest groups until they hold a fair share
+    assert left == [2, 3, 11, 12, 13]
     assert pool.stats()["evicted"]["count"] == 3
 
 
@@ -217,3 +218,73 @@ def test_thread_safety_smoke() -> None:
 def test_bad_bounds(bad: dict) -> None:
     with pytest.raises(ValueError):
         ExperiencePool(**bad)
+
+
+# -- sybils: young senders are bounded per forwarder and last in line (security issue, items 3 and 4) ----------------
+
+def _aged_pool(clock: FakeClock, **kw) -> ExperiencePool:
+    """A pool past its own founding window, with established senders A and B already seen."""
+    pool = ExperiencePool(probation_s=10.0, max_per_peer=100, clock=clock, **kw)
+    pool.add_batch(batch("A", []), clock.t)
+    pool.add_batch(batch("B", []), clock.t)
+    clock.t += 11.0  # A and B are founders; anyone seen from now on is young for 10 s
+    return pool
+
+
+def test_founders_are_not_young_and_newcomers_are_until_probation_ends() -> None:
+    clock = FakeClock()
+    pool = _aged_pool(clock)
+    assert not pool.is_young("A")
+    assert pool.is_young("S1")
+    clock.t += 10.0
+    assert not pool.is_young("S1")
+
+
+def test_young_senders_are_last_in_line_and_share_a_quarter_of_the_slots() -> None:
+    clock = FakeClock()
+    pool = _aged_pool(clock)
+    for k in range(40):  # 40 fresh identities, each with 4 groups, all behind one connection
+        pool.add_batch(batch(f"S{k}", [rollout(1000 + 4 * k + j) for j in range(4)]), clock.t, via="evil")
+    pool.add_batch(batch("A", [rollout(i) for i in range(6)]), clock.t)
+    pool.add_batch(batch("B", [rollout(i) for i in range(10, 16)]), clock.t)
+    got = pool.take(16, rng=random.Random(0), max_per_sender=8)
+    honest = [g for g in got if g.sender in ("A", "B")]
+    assert len(honest) == 12  # every honest group first
+    assert len(got) - len(honest) == 4  # young: max(1, 16 // 4) in all, whatever the number of identities
+
+
+def test_young_senders_behind_one_forwarder_share_one_per_sender_cap() -> None:
+    clock = FakeClock()
+    pool = _aged_pool(clock)
+    for k in range(40):
+        pool.add_batch(batch(f"S{k}", [rollout(1000 + k)]), clock.t, via="evil")
+    for k in range(3):
+        pool.add_batch(batch(f"T{k}", [rollout(2000 + k)]), clock.t, via=f"T{k}")
+    got = pool.take(40, rng=random.Random(0), max_per_sender=2)
+    by_via = {}
+    for g in got:
+        by_via[g.via] = by_via.get(g.via, 0) + 1
+    assert by_via.get("evil", 0) <= 2
+    assert len(got) == 5  # 2 through "evil" + one from each directly connected newcomer
+
+
+def test_a_flood_of_fresh_identities_evicts_only_young_groups() -> None:
+    clock = FakeClock()
+    pool = _aged_pool(clock, max_groups=64)
+    pool.add_batch(batch("A", [rollout(i) for i in range(10)]), clock.t)
+    pool.add_batch(batch("B", [rollout(i) for i in range(10, 20)]), clock.t)
+    for k in range(2000):
+        pool.add_batch(batch(f"S{k}", [rollout(10_000 + 4 * k + j) for j in range(4)]), clock.t, via=f"c{k % 7}")
+    per_sender = pool.stats()["per_sender"]
+    assert per_sender["A"] == 10 and per_sender["B"] == 10
+    assert len(pool) == 64
+
+
+def test_young_groups_behind_one_forwarder_are_bounded_in_the_pool() -> None:
+    clock = FakeClock()
+    pool = ExperiencePool(probation_s=10.0, max_per_peer=8, clock=clock)
+    clock.t += 11.0
+    for k in range(50):
+        pool.add_batch(batch(f"S{k}", [rollout(100 + 2 * k), rollout(101 + 2 * k)]), clock.t, via="evil")
+    assert len(pool) == 8
+    assert pool.stats()["evicted"]["young_quota"] == 92

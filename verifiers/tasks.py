@@ -487,6 +487,39 @@ def sample_refs(
     return refs
 
 
+def training_configs(
+    weights: Mapping[str, float], configs: Mapping[str, Mapping[str, ConfigValue]] | None = None
+) -> dict[str, dict[str, ConfigValue]]:
+    """The full config of every family `sample_refs(weights, ..., configs=configs)` draws training refs from."""
+    out = {}
+    for name, _ in _check_weights(weights):
+        cfg = dict((configs or {}).get(name, {}))
+        if name == "arith":
+            cfg["split"] = "train"
+        out[name] = _full_config(name, cfg)
+    return out
+
+
+def foreign_ref_reason(ref: TaskRef, allowed: Mapping[str, Mapping[str, ConfigValue]]) -> str | None:
+    """Why a peer's ref is not one this node would have drawn itself, or None when it is.
+
+    A receiver trains only on its own training distribution: a held-out ref would contaminate its evaluation, and a
+    family or config it never chose is outside what it asked to learn (and may be expensive to build). Cheap: no task
+    is built. `allowed` comes from `training_configs`.
+    """
+    if not isinstance(ref, TaskRef) or ref.generator not in allowed:
+        return "foreign_task"
+    if isinstance(ref.seed, bool) or not isinstance(ref.seed, int) or ref.seed >= HELDOUT_SEED_BASE:
+        return "heldout_ref"
+    try:
+        cfg = _full_config(ref.generator, ref.config_dict())
+    except (TaskError, TypeError, ValueError):
+        return "foreign_config"
+    if cfg != dict(allowed[ref.generator]):
+        return "foreign_config"
+    return None
+
+
 def _accumulate(values: list[float]) -> list[float]:
     out, total = [], 0.0
     for v in values:
@@ -540,6 +573,8 @@ def parse_task_weights(spec: str) -> dict[str, float]:
 __all__ = [
     "FAMILIES",
     "HELDOUT_SEED_BASE",
+    "foreign_ref_reason",
+    "training_configs",
     "RG_FAMILIES",
     "Task",
     "TaskError",
