@@ -7,8 +7,8 @@ Prints `inputs=N crashes=K accepted_invalid=M` and a detail line; exits 1 unless
   "unexpected ..."): that one is a bug the catch-all hid.
 - An accepted input is invalid unless its bytes are exactly an envelope this harness sealed itself, published by its
   signer, and the model agrees it is fresh (created_at within [now - max_age_s, now + max_clock_skew_s]), not a replay
-  (seq never accepted before from that sender and above the sender's replay window) and within the sender's token
-  buckets. `rejected_valid` (inputs the model would accept but the validator refused) is reported too.
+  (seq never accepted before from that sender and above the sender's replay window), within the sender's token
+  buckets and within the node's total ones (young senders only above their floor). `rejected_valid` (inputs the model would accept but the validator refused) is reported too.
 
     python scripts/fuzz_validator.py --count 100000 --seed 0
     python scripts/fuzz_protocol.py --validator --count 100000   # the same
@@ -37,8 +37,9 @@ from swarm.validator import REASONS, MessageValidator, RateLimit, Rejected  # no
 SWARM = "fuzz-swarm"  # semantic_mutation signs for this swarm name
 T0 = 1_700_000_000.0
 MAX_AGE_S, SKEW_S, WINDOW = 900.0, 60.0, 16
-# small buckets so that the rate path is reached often
-RATE = RateLimit(msgs_per_s=10.0, msgs_burst=20.0, bytes_per_s=40_000.0, bytes_burst=120_000.0)
+# small buckets so that the rate and load paths are reached often
+RATE = RateLimit(msgs_per_s=10.0, msgs_burst=20.0, bytes_per_s=40_000.0, bytes_burst=120_000.0,
+                 total_msgs_per_s=12.0, total_msgs_burst=40.0, total_bytes_per_s=60_000.0, total_bytes_burst=200_000.0)
 
 
 class FakeClock:
@@ -72,6 +73,8 @@ class Model:
         self.first_seen: dict[str, float] = {}
         self.admit = _Bucket(RATE.new_senders_per_s, RATE.new_senders_burst, T0)
         self.forwarders: dict[str, tuple[_Bucket, _Bucket]] = {}
+        self.total = (_Bucket(RATE.total_msgs_per_s, RATE.total_msgs_burst, T0),
+                      _Bucket(RATE.total_bytes_per_s, RATE.total_bytes_burst, T0))
 
     def verdict(self, msg: M.Message, size: int, from_peer: str, now: float) -> str:
         """'ok' or the reason it must be refused (signature/decode problems are decided by the sealed-bytes set)."""
@@ -101,6 +104,10 @@ class Model:
             fm, fb = self._forwarder(from_peer, now)
             if fm.level(now) < 1 or fb.level(now) < size:
                 return "newcomer"
+        floor = RATE.young_total_floor if self._young(msg.sender, now) else 0.0  # young ones are shed first
+        tm, tb = self.total
+        if tm.level(now) < 1 + floor * RATE.total_msgs_burst or tb.level(now) < size + floor * RATE.total_bytes_burst:
+            return "load"
         return "ok"
 
     def _young(self, sender: str, now: float) -> bool:
@@ -121,6 +128,8 @@ class Model:
         msgs, nbytes = self.buckets[msg.sender]
         msgs.spend(1, now)
         nbytes.spend(size, now)
+        self.total[0].spend(1, now)
+        self.total[1].spend(size, now)
         if self._young(msg.sender, now):
             fm, fb = self._forwarder(msg.sender, now)  # the harness's forwarder is the publisher
             fm.spend(1, now)

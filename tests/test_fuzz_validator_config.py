@@ -9,6 +9,7 @@ Deterministic (derandomize=True) and quick: modest example counts, no deadlines.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -191,15 +192,17 @@ def test_validator_fuzz_script_output_and_exit_code(capsys):
     assert capsys.readouterr().out.splitlines()[0] == "inputs=300 crashes=0 accepted_invalid=0"
 
 
-@pytest.mark.parametrize("broken", ["no-stale-check", "no-replay-memory", "no-rate-limit"])
+@pytest.mark.parametrize("broken", ["no-stale-check", "no-replay-memory", "no-rate-limit", "no-total-limit"])
 def test_validator_fuzz_driver_catches_a_permissive_validator(broken, capsys):
     kw = dict(max_age_s=fv.MAX_AGE_S, max_clock_skew_s=fv.SKEW_S, rate=fv.RATE, replay_window=fv.WINDOW)
     if broken == "no-stale-check":
         kw.update(max_age_s=1e12, max_clock_skew_s=1e12)
     elif broken == "no-replay-memory":
         kw.update(max_senders=0)  # every sender's state is evicted at once
-    else:
+    elif broken == "no-rate-limit":
         kw.update(rate=RateLimit(1e9, 1e9, 1e12, 1e12))
+    else:  # per-sender buckets intact, the node's total budget gone
+        kw.update(rate=dataclasses.replace(fv.RATE, total_msgs_per_s=0, total_bytes_per_s=0))
     h = fv.Harness(seed=5)
     h.validator = MessageValidator(fv.SWARM, PROTOCOL_VERSION, clock=h.clock, **kw)
     res = h.run(1500)

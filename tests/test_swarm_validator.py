@@ -257,3 +257,117 @@ def test_a_new_sender_starts_with_one_second_of_budget_not_the_burst() -> None:
             assert r.reason == "rate"
     assert n == 5
     assert PeerStanding().on_rejection("newcomer", s.peer_id, "12D3KooWRelay") == []  # soft: no strike on a relay
+
+
+# ---------------------------------------------------------------- issue 12: cheap checks first, relays pay, total budget
+
+def test_header_is_read_without_decoding_the_payload(ident: Identity) -> None:
+    from swarm.validator import peek_header
+
+    data = sealed(ident, 42, created_at=NOW - 5, rollouts=dummy_rollouts(3, text="x" * 5000))
+    h = peek_header(data)
+    assert h is not None and (h.kind, h.sender, h.swarm, h.seq, h.created_at) == ("rollouts", ident.peer_id, SWARM,
+                                                                                   42, NOW - 5)
+    hello = seal(Hello(ident.peer_id, SWARM, PROTOCOL_VERSION, 3, NOW, 2, "m", ("/ip4/127.0.0.1/tcp/1",)), ident)
+    assert peek_header(hello).kind == "hello"
+    truncated = data[:len(data) // 2]
+    for junk in (b"", b"\x83\xa4body", data[:40], b"\x83\xa4body\xc6\xff\xff\xff\xff", truncated, b"\x00" * 99):
+        assert peek_header(junk) is None
+
+
+def test_stale_and_replayed_messages_are_rejected_before_the_signature_check(ident: Identity, monkeypatch) -> None:
+    import swarm.validator as sv
+
+    calls = []
+    real = sv.verify_envelope
+    monkeypatch.setattr(sv, "verify_envelope", lambda *a, **k: calls.append(1) or real(*a, **k))
+    v = validator(Clock())
+    big = dict(rollouts=dummy_rollouts(1, text="x" * 16_000, completions=60))  # ~1 MB
+    r = pytest.raises(Rejected, v.check, sealed(ident, 1, created_at=NOW - 3600, **big), ident.peer_id)
+    assert r.value.reason == "stale" and not r.value.verified and calls == []
+    data = sealed(ident, 2, **big)
+    v.check(data, ident.peer_id)
+    assert len(calls) == 1
+    r = pytest.raises(Rejected, v.check, data, ident.peer_id)
+    assert r.value.reason == "replay" and not r.value.verified and len(calls) == 1
+    assert v.prechecked == 2
+    # a forged signature on a stale header: rejected as stale, unverified, and nothing of ident's state changed
+    r = pytest.raises(Rejected, v.check, forge_signature(sealed(ident, 3, created_at=NOW - 3600)), ident.peer_id)
+    assert r.value.reason == "stale" and not r.value.verified
+    v.check(sealed(ident, 3), ident.peer_id)  # seq 3 was never recorded
+    # a header naming somebody else, another swarm or version goes the full way (hard reasons stay hard)
+    other = Identity.generate()
+    assert reason(v, sealed(ident, 4, created_at=NOW - 3600), other.peer_id) == "sender"
+    assert reason(v, seal(make_batch(ident, "elsewhere", seq=5, created_at=NOW - 3600), ident), ident.peer_id) == "swarm"
+
+
+def test_a_forged_header_cannot_spend_a_senders_budget(ident: Identity) -> None:
+    v = validator(Clock(), rate=RateLimit(msgs_per_s=1, msgs_burst=3, bytes_per_s=1e9, bytes_burst=1e9, probation_s=0))
+    v.check(sealed(ident, 1), ident.peer_id)
+    for seq in range(10, 40):  # fresh headers claiming ident, bad signatures: signature rejections, no tokens taken
+        assert reason(v, forge_signature(sealed(ident, seq)), ident.peer_id) == "signature"
+    v.check(sealed(ident, 2), ident.peer_id)
+    v.check(sealed(ident, 3), ident.peer_id)
+    r = pytest.raises(Rejected, v.check, sealed(ident, 4), ident.peer_id)
+    assert r.value.reason == "rate" and not r.value.verified  # the bucket is empty: known from the header alone
+
+
+def test_total_budget_sheds_load_young_senders_first() -> None:
+    clock = Clock()
+    rate = RateLimit(msgs_per_s=1e6, msgs_burst=1e6, bytes_per_s=1e9, bytes_burst=1e9, new_senders_burst=1e6,
+                     probation_s=60, newcomer_share=1e6, total_msgs_per_s=10, total_msgs_burst=20,
+                     total_bytes_per_s=1e12, total_bytes_burst=1e12, young_total_floor=0.5)
+    v = validator(clock, rate=rate)
+    old = Identity.generate()
+    v.check(sealed(old, 1), old.peer_id)
+    clock.t += 61  # old is established; the total bucket is full again (20)
+    young = [Identity.generate() for _ in range(20)]
+    got = 0
+    for i in young:
+        try:
+            v.check(sealed(i, 1, created_at=clock.t), i.peer_id)
+            got += 1
+        except Rejected as r:
+            assert r.reason == "load"
+    assert got == 10  # young ones stop at the floor (half the burst)
+    for seq in range(2, 12):
+        v.check(sealed(old, seq, created_at=clock.t), old.peer_id)  # the established sender has the other half
+    assert reason(v, sealed(old, 12, created_at=clock.t), old.peer_id) == "load"
+    assert v.counts["load"] == 11
+    clock.t += 1  # +10 tokens, still under the floor: young senders keep waiting, the established one goes on
+    assert reason(v, sealed(young[0], 2, created_at=clock.t), young[0].peer_id) == "load"
+    v.check(sealed(old, 12, created_at=clock.t), old.peer_id)
+
+
+def test_a_lagging_node_sheds_rollouts_but_not_hellos(ident: Identity) -> None:
+    v = validator(Clock())
+    r = pytest.raises(Rejected, v.check, sealed(ident, 1), ident.peer_id, lagging=True)
+    assert r.value.reason == "load"
+    hello = Hello(ident.peer_id, SWARM, PROTOCOL_VERSION, 3, NOW, 2, "m", ("/ip4/127.0.0.1/tcp/1",))
+    assert v.check(seal(hello, ident), ident.peer_id, lagging=True) == hello
+    v.check(sealed(ident, 1), ident.peer_id)  # shed, not recorded: accepted once the node catches up
+    assert PeerStanding(threshold=0).on_rejection("load", ident.peer_id, ident.peer_id) == []
+
+
+def test_a_relay_of_soft_rejections_is_struck_once_over_its_budget() -> None:
+    clock = Clock(0.0)
+    s = PeerStanding(threshold=10, window_s=60, ban_s=600, clock=clock, relay_msgs_per_s=1, relay_msgs_burst=30,
+                     relay_bytes_per_s=1e6, relay_bytes_burst=16e6)
+    # an honest relay forwarding a few late messages (one a second, for minutes): never struck
+    for t in range(300):
+        clock.t = float(t)
+        assert s.on_rejection("stale", f"pub{t % 7}", "honest-relay", 2_000) == []
+    assert "honest-relay" not in s.recent() and "honest-relay" not in s.total
+    # a relay pouring ~1 MB stale envelopes of fresh identities: 16 free (the byte budget), then one strike each
+    banned_at = None
+    for i in range(100):
+        if s.on_rejection("stale", f"sybil{i}", "attacker", 960_000) == ["attacker"]:
+            banned_at = i
+            break
+    assert banned_at == 16 + 10  # 16 MB of budget, then 11 strikes > threshold 10
+    assert s.is_banned("attacker") and not any(s.is_banned(f"sybil{i}") for i in range(100))
+    # "newcomer" and "load" are our own policy and load: never charged to a relay
+    for _ in range(100):
+        assert s.on_rejection("newcomer", "young", "busy-relay", 960_000) == []
+        assert s.on_rejection("load", "young", "busy-relay", 960_000) == []
+    assert s.recent().get("busy-relay", 0) == 0
