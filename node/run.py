@@ -105,7 +105,8 @@ class NodeRuntime:
     def collect(self, n: int) -> list[PooledGroup]:
         if n <= 0 or self.mesh is None:
             return []
-        return self.pool.take(n, rng=self.rng, max_per_sender=self.cfg.max_external_per_peer)
+        # candidates beyond J are drawn for rescoring, but the young/relayed caps are shares of the J slots themselves
+        return self.pool.take(n, rng=self.rng, max_per_sender=self.cfg.max_external_per_peer, slots=self.cfg.external)
 
     def peer_count(self) -> int:
         return len(self.mesh.peers()) if self.mesh is not None else 0

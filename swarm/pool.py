@@ -37,6 +37,7 @@ EVICT_YOUNG_QUOTA = "young_quota"  # young senders behind one forwarder over the
 
 DEFAULT_PROBATION_S = 60.0
 YOUNG_SHARE = 0.25  # of a round's external slots, for all young senders together
+RELAYED_SHARE = 0.5  # ... for all groups that reached us through someone other than their sender
 STALE_SCAN_S = 1.0  # a full scan for stale groups at most this often (it was O(pool) on every batch under a flood)
 
 
@@ -158,13 +159,17 @@ class ExperiencePool:
         rng: random.Random,
         max_per_sender: int | None = None,
         predicate: Callable[[PooledGroup], bool] | None = None,
+        slots: int | None = None,
     ) -> list[PooledGroup]:
         """Remove and return up to `n` groups drawn uniformly without replacement (after dropping stale ones).
 
         Only groups passing `predicate` are eligible; at most `max_per_sender` come from any one sender in this call.
-        Established senders' groups come first; young senders' (see the module doc) after them, at most
-        max(1, n * YOUNG_SHARE) in all and `max_per_sender` per forwarder. The result is in draw order and depends only
-        on the pool's contents and `rng`.
+        Order of preference, each tier shuffled: established senders that handed us their groups themselves, then
+        established senders' groups relayed by someone else, then young senders' groups (see the module doc). Relayed
+        groups take at most max(1, slots * RELAYED_SHARE) places and young ones max(1, slots * YOUNG_SHARE), where
+        `slots` (default n) is how many the caller will train on when it draws extra candidates; young ones at most
+        `max_per_sender` per forwarder: identities minted behind connections we have cannot outnumber the peers we
+        talk to. The result is in draw order and depends only on the pool's contents and `rng`.
         """
         if n <= 0:
             return []
@@ -173,24 +178,29 @@ class ExperiencePool:
             self._evict_stale_locked(now)
             eligible = [gid for gid, g in self._groups.items() if predicate is None or predicate(g)]
             rng.shuffle(eligible)
-            young = {gid for gid in eligible if self._is_young_locked(self._groups[gid].sender, now)}
-            eligible.sort(key=lambda gid: gid in young)  # stable: established first, each tier still shuffled
-            young_cap = max(1, int(n * YOUNG_SHARE))
+            groups = self._groups
+            eligible.sort(key=lambda gid: (groups[gid].young, groups[gid].via != groups[gid].sender))  # stable
+            k = n if slots is None else max(1, min(n, slots))
+            young_cap, relayed_cap = max(1, int(k * YOUNG_SHARE)), max(1, int(k * RELAYED_SHARE))
             chosen: list[int] = []
             per_sender: dict[str, int] = {}
             per_via: dict[str, int] = {}
-            n_young = 0
+            n_young = n_relayed = 0
             for gid in eligible:
-                g = self._groups[gid]
+                g = groups[gid]
+                relayed = g.via != g.sender
                 if max_per_sender is not None and per_sender.get(g.sender, 0) >= max_per_sender:
                     continue
-                if gid in young:
+                if relayed and n_relayed >= relayed_cap:
+                    continue
+                if g.young:
                     if n_young >= young_cap:
                         break  # young groups are last in line: nothing eligible follows
                     if max_per_sender is not None and per_via.get(g.via, 0) >= max_per_sender:
                         continue
                     per_via[g.via] = per_via.get(g.via, 0) + 1
                     n_young += 1
+                n_relayed += relayed
                 per_sender[g.sender] = per_sender.get(g.sender, 0) + 1
                 chosen.append(gid)
                 if len(chosen) >= n:

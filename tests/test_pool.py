@@ -288,3 +288,27 @@ def test_young_groups_behind_one_forwarder_are_bounded_in_the_pool() -> None:
         pool.add_batch(batch(f"S{k}", [rollout(100 + 2 * k), rollout(101 + 2 * k)]), clock.t, via="evil")
     assert len(pool) == 8
     assert pool.stats()["evicted"]["young_quota"] == 92
+
+
+def test_patient_sybils_behind_a_connection_stay_bounded_after_probation() -> None:
+    clock = FakeClock()
+    pool = _aged_pool(clock)
+    for k in range(40):  # identities first seen now, used again once their probation is over
+        pool.add_batch(batch(f"S{k}", []), clock.t, via="evil")
+    clock.t += 11.0
+    assert not pool.is_young("S0")
+    for k in range(40):
+        pool.add_batch(batch(f"S{k}", [rollout(1000 + 8 * k + j) for j in range(8)]), clock.t, via="evil")
+    pool.add_batch(batch("A", [rollout(i) for i in range(6)]), clock.t)
+    got = pool.take(16, rng=random.Random(0), max_per_sender=8)
+    assert sum(g.sender == "A" for g in got) == 6  # the directly connected peer first, in full
+    assert sum(g.sender.startswith("S") for g in got) == 8  # relayed identities: half the slots, however many
+
+
+def test_caps_are_shares_of_the_slots_not_of_the_candidates() -> None:
+    clock = FakeClock()
+    pool = _aged_pool(clock)
+    for k in range(40):
+        pool.add_batch(batch(f"S{k}", [rollout(1000 + 8 * k + j) for j in range(8)]), clock.t, via="evil")
+    got = pool.take(48, rng=random.Random(0), max_per_sender=8, slots=16)  # 3 candidates per slot, as a round does
+    assert len(got) == 4  # young: a quarter of the 16 slots, not of the 48 candidates
