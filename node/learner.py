@@ -66,15 +66,21 @@ class ScoredGroup:
 def choose_training_groups(
     local: Sequence[ScoredGroup], external: Sequence[ScoredGroup], n_local: int, n_external: int, rng: random.Random
 ) -> tuple[list[ScoredGroup], list[ScoredGroup]]:
-    """The SAPO mix: I local + J external groups, zero-advantage groups dropped first.
+    """The SAPO mix: own groups plus up to J peers' groups, peers' zero-advantage groups dropped first.
 
-    When peers supply fewer than J useful groups the node falls back to its own, so a lone node trains on I + J local
+    Own groups fill the I + J slots the peers' groups leave. When they all fit (the paper's protocol: a node generates
+    I questions) every own group is trained on, unfiltered, as in the paper (a zero-advantage group carries no
+    gradient; the trainer skips its compute). When the node generated more than fit (questions_per_round > I, or a
+    node with peers short of J), the groups with signal are preferred, so a lone node trains on up to I + J own
     groups (J = 0 is plain single-node RL).
     """
     ext = [g for g in external if g.has_signal]
     ext = rng.sample(ext, min(n_external, len(ext)))
+    slots = n_local + n_external - len(ext)
+    if len(local) <= slots:
+        return list(local), ext
     own = [g for g in local if g.has_signal]
-    own = rng.sample(own, min(n_local + n_external - len(ext), len(own)))
+    own = rng.sample(own, min(slots, len(own)))
     return own, ext
 
 

@@ -42,6 +42,7 @@ async def run_round(node: "NodeRuntime", r: int) -> dict[str, Any]:
         "round": r,
         "reward_mean": sum(rewards) / len(rewards),  # what this node's own policy scored this round
         "train_reward_mean": _mean([x for g in own + ext for x in g.rewards]),
+        "generated": sum(len(g.completions) for g in local),  # this round's compute: completions sampled
         "n_local": len(own),
         "n_external": len(ext),
         "peers": node.peer_count(),

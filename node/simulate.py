@@ -55,6 +55,19 @@ def node_command(i: int, *, out: Path, swarm: str, model: str, rounds: int, loca
     return cmd + list(extra)
 
 
+def wait_until_listening(proc: subprocess.Popen, port: int, stopping: Any, timeout_s: float = 60.0) -> bool:
+    """Waits until the node's p2p port accepts TCP connections (its status server starts only after --min-peers
+    are met, so it cannot tell us the seed is up). A bare connect-and-close costs the node one failed handshake."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None and not stopping():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -180,13 +193,7 @@ def run_simulation(*, nodes: int, rounds: int, model: str, local_: int | None, e
             # Each node gets its own process group so a Ctrl-C in this terminal reaches only us; we stop them in order.
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
             if i == 0:  # let the seed listen before the others dial it (they would retry anyway)
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline and procs[0].poll() is None and not stopping:
-                    try:
-                        statuses[0] = fetch_status(status_ports[0], timeout=0.5)
-                        break
-                    except ConnectionError:
-                        time.sleep(0.3)
+                wait_until_listening(procs[0], p2p[0], lambda: stopping)
         drawn, last_print = 0, 0.0
         while not stopping and any(p.poll() is None for p in procs):
             for i in range(nodes):
