@@ -20,7 +20,20 @@ Every non-default here fixes a measured problem (see shared/notes/libp2p-0.8.md,
   (gossipsub's flush of pending messages and its recent-messages replay to a new peer), and yamux releases its write
   lock between window-sized chunks while it waits for a window update, so two RPCs of more than the 256 KB window
   could interleave on the wire: the receiver parsed garbage and banned an honest ~1 MB sender as a malformed-frame
-  peer (docs/byzantine.md, weakness 4). GuardedPubsub.write_msg holds one lock per stream for a whole RPC.
+  peer (docs/byzantine.md, weakness 4). GuardedPubsub.write_msg holds one lock per stream for a whole RPC;
+- gossip amplification (issue 12, item 9): 0.8.1 answers every IWANT entry in full, duplicates included (4.4 MB of
+  IWANT brought back 311 MB), and replays the whole message cache to a peer on each unsubscribe/subscribe cycle (80
+  tiny RPCs made a node send 237 MB). BoundedGossipSub.handle_iwant dedupes, caps the IDs read per IWANT and sends
+  one message to one peer at most GOSSIP_RETRANSMISSION times (go-libp2p's rule); GuardedPubsub replays the cache to
+  a peer at most once per (connection, topic);
+- forwarded replays (item 10): py-libp2p consults its cache of validation verdicts (300 s by default) *before* our
+  topic validator, and only the seen-cache (ours: SEEN_TTL_S) stops a re-sent message before that. A raw re-send
+  after the seen-cache forgot it but while the verdict was cached was forwarded without our validator. The verdict
+  cache now expires first (validation_cache_ttl_for), so such a re-send always meets our validator;
+- one oversized frame cut a link for good (item 11): the receiver resets the pubsub stream, both ends forget the
+  other's subscriptions on noticing a dead stream, and when the writer notices later than the receiver re-announced,
+  it never learns them again while the connection, and liveness pings, stay up. StalledLinks finds connected peers
+  without a pubsub stream or subscriptions for a while; the mesh closes those connections and discovery redials.
 """
 from __future__ import annotations
 
@@ -36,10 +49,12 @@ from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.peer.id import ID
+from libp2p.peer.peerstore import env_to_send_in_RPC
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.rpc_queue import RpcQueue
+from libp2p.pubsub.utils import safe_bytes_from_hex
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
@@ -50,6 +65,24 @@ log = logging.getLogger(__name__)
 MESHSUB_PROTOCOLS = [PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID]
 OUTBOUND_QUEUE_RPCS = 128  # default 32 dropped bursts silently; 128 x <=1 MiB bounds memory per peer
 SEEN_TTL_S = 120  # seen-cache of message IDs only (small); duplicates inside this window are dropped for free
+LIBP2P_VALIDATION_CACHE_TTL_S = 300  # Pubsub(validation_cache_ttl=300) in 0.8.1: the default we must not keep
+GOSSIP_RETRANSMISSION = 3  # go-libp2p's GossipRetransmission: replies to one peer's IWANTs for one message
+IWANT_MAX_IDS = 5000  # IDs read from one IWANT entry: go-libp2p's MaxIHaveLength, so an honest one is never cut
+PUBSUB_STALL_S = 10.0  # a connected peer this long without a pubsub stream or subscriptions is a broken link
+
+
+def validation_cache_ttl_for(seen_ttl_s: int) -> int:
+    """TTL of py-libp2p's verdict cache that keeps a re-sent message from skipping our validator (item 10).
+
+    Pubsub.push_msg drops a message whose ID is in the seen-cache, else asks the verdict cache, and runs the topic
+    validator only on a miss. A seen entry expires at int(t_seen) + seen_ttl >= t_seen + seen_ttl - 1 (LastSeenCache
+    truncates; it also refreshes on every hit and lives until a sweep, both only lengthen it), and the verdict was
+    stored just before t_seen; so a verdict TTL <= seen_ttl - 1 is always gone by the time the ID is. Half of it is
+    used: rejected messages are not marked seen, and a shorter verdict cache re-runs (and re-charges) them sooner.
+    """
+    if seen_ttl_s < 2:
+        raise ValueError(f"seen_ttl_s must be >= 2 s, not {seen_ttl_s}")
+    return max(1, seen_ttl_s // 2)
 
 
 def key_pair_for(identity: Identity) -> KeyPair:
@@ -97,12 +130,39 @@ class GuardedPubsub(Pubsub):
         self._on_message = on_message
         self._on_bad_peer = on_bad_peer
         self._write_locks: dict[int, tuple[INetStream, trio.Lock]] = {}  # id(stream) -> (stream, lock)
+        # peer -> (the muxed connection it was replayed on, topics replayed there): see _replay_recent_messages
+        self._replays: dict[ID, tuple[Any, set[str]]] = {}
+        self.replays_refused = 0
 
     def _handle_dead_peer(self, peer_id: ID) -> None:
         stream = self.peers.get(peer_id)
         if stream is not None:
             self._write_locks.pop(id(stream), None)
         super()._handle_dead_peer(peer_id)
+        if not self._peer_is_connected(peer_id):
+            self._replays.pop(peer_id, None)
+
+    async def _replay_recent_messages(self, peer_id: ID, topic: str) -> None:
+        """The message-cache replay to a newly subscribed peer, at most once per (connection, topic).
+
+        py-libp2p's own gate is dropped when the peer unsubscribes, so every unsubscribe/subscribe pair (two tiny
+        RPCs) made us write the whole cache window again (item 9). The replay only covers messages published while
+        the connection was being set up, so once per connection is all it is for.
+        """
+        stream = self.peers.get(peer_id)
+        if stream is None:  # not writable yet: the base is a no-op and _handle_new_peer calls us again later
+            return
+        conn = getattr(stream, "muxed_conn", None)
+        entry = self._replays.get(peer_id)
+        if entry is None or entry[0] is not conn:
+            if len(self._replays) > 1024:  # normally pruned in _handle_dead_peer; a safety net
+                self._replays = {p: e for p, e in self._replays.items() if p in self.peers}
+            entry = self._replays[peer_id] = (conn, set())
+        if topic in entry[1]:
+            self.replays_refused += 1
+            return
+        entry[1].add(topic)
+        await super()._replay_recent_messages(peer_id, topic)
 
     async def write_msg(self, stream: INetStream, rpc_msg: rpc_pb2.RPC) -> bool:
         """One whole RPC at a time per stream (see the module docstring: interleaved chunks corrupt the frame)."""
@@ -158,6 +218,53 @@ class GuardedPubsub(Pubsub):
 
 
 class BoundedGossipSub(GossipSub):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._iwant_served: dict[bytes, dict[ID, int]] = {}  # msg id -> peer -> IWANT replies sent (while cached)
+        self.iwant_refused = 0  # requested IDs not served: repeats, over the cap, or retransmitted enough
+
+    async def handle_iwant(self, iwant_msg: rpc_pb2.ControlIWant, sender_peer_id: ID) -> None:
+        """The base serves every listed ID, repeats included, with no memory of what it already sent (item 9).
+
+        Here: the first IWANT_MAX_IDS IDs of an entry, each once, and one message to one peer at most
+        GOSSIP_RETRANSMISSION times while it is in the message cache. A peer can then pull at most that many copies
+        of the cache, whatever it sends. The per-peer entry rate limit of the base (10/s) still applies first.
+        """
+        if not self._check_iwant_rate_limit(sender_peer_id):
+            log.debug("IWANT rate limit exceeded for %s", sender_peer_id)
+            return
+        ids = iwant_msg.messageIDs
+        self.iwant_refused += max(0, len(ids) - IWANT_MAX_IDS)
+        wanted: set[bytes] = set()
+        msgs: list[rpc_pb2.Message] = []
+        for wire in ids[:IWANT_MAX_IDS]:
+            mid = safe_bytes_from_hex(wire)
+            if mid is None:
+                continue
+            if mid in wanted:
+                self.iwant_refused += 1
+                continue
+            wanted.add(mid)
+            msg = self.mcache.get(mid)
+            if msg is None:
+                continue
+            served = self._iwant_served.setdefault(mid, {})
+            n = served.get(sender_peer_id, 0)
+            if n >= GOSSIP_RETRANSMISSION:
+                self.iwant_refused += 1
+                continue
+            served[sender_peer_id] = n + 1
+            msgs.append(msg)
+        if len(self._iwant_served) > 2 * len(self.mcache.msgs) + 64:  # forget messages that left the cache
+            self._iwant_served = {m: v for m, v in self._iwant_served.items() if m in self.mcache.msgs}
+        if not msgs or self.pubsub is None:
+            return
+        packet = rpc_pb2.RPC()
+        if isinstance(self.pubsub, Pubsub):
+            packet.senderRecord, _ = env_to_send_in_RPC(self.pubsub.host)
+        packet.publish.extend(msgs)
+        self.send_rpc(sender_peer_id, packet)  # split into <= 1 MiB RPCs by the peer's queue, as in the base
+
     def _check_equivocation(self, msg: rpc_pb2.Message) -> bool:
         # Same semantics as the base (same from+seqno with other content is refused) but stores a digest, not the
         # message: the base keeps up to ~1000 whole messages [9].
@@ -192,11 +299,44 @@ def build_router(heartbeat_s: float = 1.0) -> BoundedGossipSub:
 
 
 def build_pubsub(host: IHost, router: GossipSub, *, on_message: Callable[[rpc_pb2.Message], None],
-                 on_bad_peer: Callable[[ID, str], None]) -> GuardedPubsub:
+                 on_bad_peer: Callable[[ID, str], None], seen_ttl_s: int = SEEN_TTL_S) -> GuardedPubsub:
     return GuardedPubsub(host, router, on_message=on_message, on_bad_peer=on_bad_peer,
                          strict_signing=True,  # libp2p signs each message: msg.from_id is authenticated
-                         seen_ttl=SEEN_TTL_S,
+                         seen_ttl=seen_ttl_s,
+                         # the seen-cache is only swept, never checked for expiry: sweep often enough that its
+                         # lifetime stays near seen_ttl_s (0.8.1 sweeps every 60 s)
+                         sweep_interval=max(1, min(60, seen_ttl_s // 4)),
+                         validation_cache_ttl=validation_cache_ttl_for(seen_ttl_s),  # item 10: expires first
                          validation_timeout=10.0)
+
+
+class StalledLinks:
+    """Connected peers whose pubsub link is broken: no pubsub stream to them, or none of their subscriptions known,
+    for `grace_s` in a row (a new connection has both within a second). Seen after one oversized frame (item 11):
+    libp2p re-opens the stream but one end has forgotten the other's subscriptions for good, while the connection
+    and the liveness pings stay up. `check` returns the peers to disconnect (discovery redials them, and a fresh
+    connection exchanges subscriptions again); it is called from the mesh's maintenance loop.
+    """
+
+    def __init__(self, grace_s: float = PUBSUB_STALL_S) -> None:
+        self.grace_s = grace_s
+        self._since: dict[ID, float] = {}  # peer -> when it was first seen stalled (trio time)
+
+    def check(self, host: IHost, pubsub: Pubsub, now: float, skip: Callable[[ID], bool] = lambda _: False) -> list[ID]:
+        connected = set(host.get_connected_peers())
+        for pid in [p for p in self._since if p not in connected]:
+            del self._since[pid]
+        out: list[ID] = []
+        for pid in connected:
+            ok = pid in pubsub.peers and any(pid in peers for peers in pubsub.peer_topics.values())
+            if ok or skip(pid):
+                self._since.pop(pid, None)
+                continue
+            since = self._since.setdefault(pid, now)
+            if now - since >= self.grace_s:
+                del self._since[pid]
+                out.append(pid)
+        return out
 
 
 def peer_id_str(pid: ID | bytes) -> str:

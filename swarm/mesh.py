@@ -43,7 +43,8 @@ from protocol.messages import (
 
 from .discovery import Discovery
 from .liveness import Liveness
-from .host import build_host, build_pubsub, build_router, disconnect_quietly, drop_dead_peer, peer_id_str
+from .host import (PUBSUB_STALL_S, StalledLinks, build_host, build_pubsub, build_router, disconnect_quietly,
+                   drop_dead_peer, peer_id_str)
 from .shards import base_topic, epoch_of, home_shard, lobby_topic, shard_topic, subscribed_shards
 from .validator import REASONS, MessageValidator, PeerStanding, RateLimit, Rejected, TokenBucket
 
@@ -93,6 +94,7 @@ class MeshConfig:
     ping_timeout_s: float = 15.0
     ping_max_misses: int = 3
     redial_after_s: float = 30.0  # discovery redials a lost peer it has heard from at most this often
+    pubsub_stall_s: float = PUBSUB_STALL_S  # connected this long without a working pubsub link -> disconnect (0: off)
 
     def rate(self) -> RateLimit:
         return RateLimit(self.rate_msgs_per_s, self.rate_msgs_burst, self.rate_bytes_per_s, self.rate_bytes_burst)
@@ -118,6 +120,7 @@ class _Counters:
     incoming_dropped: int = 0  # Received dropped because the node did not drain `incoming`
     oversize_dropped: int = 0  # our own rollouts too big for one message even alone
     bad_frames: int = 0  # peers that sent input that broke py-libp2p itself (banned at once)
+    stalled_links: int = 0  # connections closed because their pubsub link was dead (swarm.host.StalledLinks)
     duplicates: int = 0
     bans: int = 0
     latency_ms: list[float] = field(default_factory=list)  # created_at -> received_at of recent batches
@@ -166,6 +169,7 @@ class Mesh:
         self._listen_addrs: list[str] = []
         self._peers_cache: list[str] = []
         self._trio_thread: int | None = None
+        self._stalls = StalledLinks(config.pubsub_stall_s)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
@@ -292,6 +296,8 @@ class Mesh:
                 "oversize_dropped": c.oversize_dropped,
                 "duplicates": c.duplicates,
                 "bad_frames": c.bad_frames,
+                "stalled_links": c.stalled_links,
+                "gossip_refused": self._gossip_refused(),
                 "rejections_by_reason": {r: self.validator.counts.get(r, 0) for r in REASONS},
                 "strikes": self.standing.recent(),
                 "strikes_total": dict(self.standing.total),
@@ -567,7 +573,30 @@ class Mesh:
                     banned = self.standing.is_banned(pid.to_base58())
                 if banned:
                     await disconnect_quietly(self._host, pid)
+            self._drop_stalled_links()
             self.peers()  # refresh the cache read by other threads
+
+    def _drop_stalled_links(self) -> None:
+        """Close connections whose pubsub link died while they stayed up (issue 12, item 11); discovery redials."""
+        if self._nursery is None or self.config.pubsub_stall_s <= 0:
+            return
+
+        def banned(pid: ID) -> bool:  # closed by the ban logic anyway: not a dead link
+            with self._lock:
+                return self.standing.is_banned(pid.to_base58())
+
+        for pid in self._stalls.check(self._host, self._pubsub, trio.current_time(), banned):
+            log.warning("pubsub link to %s is dead (no stream or subscriptions for %.0f s): reconnecting", pid,
+                        self.config.pubsub_stall_s)
+            with self._lock:
+                self._c.stalled_links += 1
+            self._nursery.start_soon(drop_dead_peer, self._host, pid)
+
+    def _gossip_refused(self) -> dict[str, int]:
+        """Gossip requests not served (swarm.host, item 9): IWANT repeats/over the caps, repeated cache replays."""
+        ps = self._pubsub
+        return {"iwant": int(getattr(getattr(ps, "router", None), "iwant_refused", 0)),
+                "replays": int(getattr(ps, "replays_refused", 0))}
 
     def _compute_listen_addrs(self) -> list[str]:
         out: list[str] = []

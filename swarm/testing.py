@@ -5,13 +5,16 @@
 - `GarbageStreamPeer`: opens a raw /meshsub stream and writes malformed protobuf frames (notes item 6), or any
   frame, e.g. `bad_key_publish_frame` (a message with a malformed signing key).
 - `PlaintextDialer`: a host that offers only /plaintext/2.0.0, to prove our hosts refuse it.
+- `GossipProbe`: a RawPublisher that counts every copy of every message it is sent (before its own dedupe) and
+  writes any RPC on its pubsub stream: IWANT floods, subscribe/unsubscribe cycles, raw re-sends.
 """
 from __future__ import annotations
 
 import hashlib
 import time
+from collections import Counter
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Sequence
 
 import multiaddr
 import trio
@@ -83,6 +86,8 @@ def bad_envelopes(identity: Identity, swarm: str) -> dict[str, bytes]:
 class RawPublisher:
     """A stock gossipsub peer, subscribed to `topic`, publishing whatever bytes it is given."""
 
+    pubsub_cls: type[Pubsub] = Pubsub
+
     def __init__(self, identity: Identity, topic: str) -> None:
         self.identity = identity
         self.topic = topic
@@ -93,7 +98,7 @@ class RawPublisher:
     async def running(self) -> AsyncIterator["RawPublisher"]:
         host = build_host(self.identity, [LOOPBACK])
         router = build_router(0.5)
-        pubsub = Pubsub(host, router)  # no topic validator: nothing we publish is checked locally
+        pubsub = self.pubsub_cls(host, router)  # no topic validator: nothing we publish is checked locally
         self.host, self.pubsub = host, pubsub
         async with host.run(listen_addrs=[multiaddr.Multiaddr(LOOPBACK)]):
             async with background_trio_service(pubsub), background_trio_service(router):
@@ -180,3 +185,56 @@ class PlaintextDialer:
             return True
         except Exception:
             return False
+
+
+class CountingPubsub(Pubsub):
+    """Stock Pubsub that counts each message copy a peer sends it, before the seen-cache drops repeats."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.copies: Counter[bytes] = Counter()  # libp2p msg id (from + seqno) -> copies received
+        self.bytes_in = 0  # data bytes of all copies received
+
+    async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+        if msg_forwarder != self.my_id:
+            self.copies[msg.from_id + msg.seqno] += 1
+            self.bytes_in += len(msg.data)
+        await super().push_msg(msg_forwarder, msg)
+
+
+class GossipProbe(RawPublisher):
+    """A hostile gossipsub peer that measures what a victim sends it (see the module docstring)."""
+
+    pubsub_cls = CountingPubsub
+
+    @property
+    def counting(self) -> CountingPubsub:
+        assert isinstance(self.pubsub, CountingPubsub)
+        return self.pubsub
+
+    async def wait_stream(self, peer: ID, timeout: float = 10.0) -> None:
+        """Until our pubsub stream to `peer` is open and it knows we subscribe (its hello reached us)."""
+        await self.counting.wait_for_peer(peer, timeout=timeout)
+        await self.wait_subscribed(peer, timeout=timeout)
+
+    async def send(self, peer: ID, rpc: rpc_pb2.RPC) -> None:
+        """Write one RPC on our pubsub stream to `peer`, as is."""
+        ok = await self.counting.write_msg(self.counting.peers[peer], rpc)
+        assert ok, "pubsub stream closed"
+
+    async def wait_copies(self, mid: bytes, n: int, timeout: float = 20.0) -> None:
+        with trio.fail_after(timeout):
+            while self.counting.copies[mid] < n:
+                await trio.sleep(0.02)
+
+
+def iwant_rpc(msg_ids: Sequence[bytes], entries: int = 1) -> rpc_pb2.RPC:
+    """An RPC with `entries` IWANT entries, each listing msg_ids (repeats included, as a hostile peer may)."""
+    iwants = [rpc_pb2.ControlIWant(messageIDs=list(msg_ids)) for _ in range(entries)]
+    return rpc_pb2.RPC(control=rpc_pb2.ControlMessage(iwant=iwants))
+
+
+def resubscribe_rpc(topic: str) -> rpc_pb2.RPC:
+    """Unsubscribe then subscribe again, in one tiny RPC."""
+    return rpc_pb2.RPC(subscriptions=[rpc_pb2.RPC.SubOpts(subscribe=False, topicid=topic),
+                                      rpc_pb2.RPC.SubOpts(subscribe=True, topicid=topic)])
