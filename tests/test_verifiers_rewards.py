@@ -34,7 +34,9 @@ def gold(task) -> str:
         ("think... <answer> 46 \n</answer>", "46"),
         ("<answer>1</answer> then <answer>2</answer>", "2"),  # last block wins
         ("<answer>1</answer> then <answer>2", "1"),  # trailing unclosed tag ignored
-        ("<answer><answer>5</answer>", "5"),  # nearest opening tag before the last close
+        ("<answer><answer>5</answer>", None),  # nested: not one exact answer
+        ("<answer>1 <answer>5</answer>", None),
+        ("<answer>1</answer> <answer>5</answer>", "5"),
         ("<answer>a\nb</answer>", "a\nb"),
         ("<answer></answer>", ""),
         ("<answer>46", None),  # unclosed

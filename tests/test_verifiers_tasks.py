@@ -83,7 +83,7 @@ def test_partial_credit_examples() -> None:
     gold = task.answer
     assert score_answer(task, f"x = {gold}") == pytest.approx(len(gold) / len(f"x = {gold}"))
     frac = build_task(make_ref("fraction_simplification", 3, 0))
-    assert score_answer(frac, "1/999999") == 0.05
+    assert score_answer(frac, "1/999999") == 0.0  # our exact fraction scorer gives no partial credit
     cal = next(t for i in range(50) if (t := build_task(make_ref("calendar_arithmetic", 9, i))).metadata["task"]
                == "count_days")
     near = str(int(cal.answer) + 1)
@@ -365,3 +365,34 @@ def test_parse_task_weights() -> None:
                 "arith:0", "arith:1:2"):
         with pytest.raises(TaskError):
             parse_task_weights(bad)
+
+
+# -- scorer repairs (security issue, "Also") ------------------------------------------------------------------------
+
+def test_fraction_simplification_pays_only_one_exact_fraction():
+    from verifiers.rewards import reward
+    task = build_task(make_ref("fraction_simplification", 1, 3))
+    a, b = task.metadata["simplified_numerator"], task.metadata["simplified_denominator"]
+    for ok in (task.answer, f"{a}/{b}", f"$\\frac{{{a}}}{{{b}}}$", f"\\dfrac{{{a}}}{{{b}}}"):
+        assert reward(task, f"<answer>{ok}</answer>") == 1.0, ok
+    for bad in (f"$\\frac{{{a}}}{{{b}}}$ or $\\frac{{1}}{{2}}$", f"$\\frac{{{a}}}{{{b}}}$ apples", f"{a}/{b}x",
+                f"<answer>{a}/{b}", f"{a * 2}/{b * 2}"):
+        assert reward(task, f"<answer>{bad}</answer>") == 0.0, bad
+    assert score_answer(task, f"{a}/{b}/7") == 0.0
+
+
+def test_count_business_days_questions_name_the_date_the_gold_answer_counts_to():
+    import datetime
+    import re
+    checked = fixed = 0
+    for i in range(3000):
+        task = build_task(make_ref("calendar_arithmetic", 1, i))
+        if task.metadata.get("task") != "count_business_days":
+            continue
+        day, last = re.findall(r"([A-Z][a-z]+), ([A-Z][a-z]+ \d+, \d{4})", task.question)[-1]
+        end = datetime.datetime.strptime(last, "%B %d, %Y").date()
+        assert str(end) == task.metadata["end_date"], task.question
+        assert end.strftime("%A") == day
+        checked += 1
+        fixed += end.year != datetime.date.fromisoformat(task.metadata["start_date"]).year
+    assert checked > 300 and fixed > 10  # reasoning-gym printed the wrong year in these ~8%

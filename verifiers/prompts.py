@@ -3,7 +3,7 @@
 Answer rule (`extract_answer`): the answer is the content of the LAST complete `<answer>...</answer>` block, i.e. the
 text between the last `</answer>` and the nearest `<answer>` before it, stripped of surrounding whitespace. Tags are
 case-sensitive. No complete block (no tags, only an opening tag, a closing tag without an opening one before it)
-gives None; `<answer></answer>` gives "". Text after the last closing tag (e.g. an unclosed `<answer>`) is ignored.
+or a nested one (a second `<answer>` opened inside the block: "<answer>1 <answer>2</answer>") gives None; `<answer></answer>` gives "". Text after the last closing tag (e.g. an unclosed `<answer>`) is ignored.
 """
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ def extract_answer(text: str) -> str | None:
     start = text.rfind(ANSWER_OPEN, 0, end)
     if start < 0:
         return None
+    prev_close = text.rfind(ANSWER_CLOSE, 0, start)
+    if text.find(ANSWER_OPEN, prev_close + 1 if prev_close >= 0 else 0, start) >= 0:
+        return None  # nested: "<answer>x <answer>y</answer>" is not one exact answer
     return text[start + len(ANSWER_OPEN) : end].strip()
 
 

@@ -22,18 +22,22 @@ so that one build stays in the millisecond range. reasoning-gym's binary_matrix 
 score that family with an equivalent `ast.literal_eval` version instead. propositional_logic answers may only contain
 the task's variables, connectives, parentheses and spaces (reasoning-gym would read "zzz" as a fresh variable), and are
 capped at 512 chars (its parser is quadratic). Scores outside [0, 1] (a reasoning-gym bug in calendar_arithmetic for
-negative gold answers) count as 0. Known unsolvable items: ~0.7% of propositional_logic items have tautological
+negative gold answers) count as 0. fraction_simplification is scored by our own exact-fraction check (reasoning-gym
+matched only a prefix: "a/b apples" scored 1), and calendar_arithmetic's count_business_days questions get the end
+date's real year written in (reasoning-gym printed the start's year, ~8% of those items). Known unsolvable items: ~0.7% of propositional_logic items have tautological
 premises, so no conclusion scores above 0.25 (binary reward 0 for the whole group).
 """
 from __future__ import annotations
 
 import ast
 import contextlib
+import datetime
 import decimal
 import functools
 import io
 import math
 import random
+import re
 import zlib
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -368,7 +372,29 @@ def _build_rg(ref: TaskRef, cfg: Mapping[str, ConfigValue]) -> Task:
     except Exception as exc:
         raise TaskError(f"{ref.generator}: generation failed for {ref}: {exc!r}") from exc
     answer = entry["answer"]
-    return Task(ref, str(entry["question"]), None if answer is None else str(answer), MappingProxyType(entry["metadata"]))
+    question = str(entry["question"])
+    if ref.generator == "calendar_arithmetic":
+        question = _repair_business_days(question, entry["metadata"])
+    return Task(ref, question, None if answer is None else str(answer), MappingProxyType(entry["metadata"]))
+
+
+def _repair_business_days(question: str, metadata: Mapping[str, Any]) -> str:
+    """reasoning-gym 0.1.19's count_business_days prints the end date with the start date's year ("from November 15,
+    2022 to January 14, 2022") while its gold answer counts to the real end date (2023): write the real date in."""
+    if metadata.get("task") != "count_business_days":
+        return question
+    try:
+        end = datetime.date.fromisoformat(str(metadata["end_date"]))
+    except (KeyError, ValueError):
+        return question
+    shown = re.findall(r"[A-Z][a-z]+ \d{1,2}, \d{4}", question)
+    if not shown:  # some templates give the start date without a year: the last full date is the end date
+        return question
+    right = f"{end.strftime('%B')} {end.day}, {end.year}"
+    if shown[-1] == right:
+        return question
+    head, sep, tail = question.rpartition(shown[-1])
+    return head + right + tail
 
 
 def build_task(ref: TaskRef) -> Task:
@@ -398,6 +424,21 @@ def _score_binary_matrix(answer: str, task: Task) -> float:
 _LOGIC_SYMBOLS = frozenset("()∧∨¬→↔ ")
 
 
+_FRACTION = re.compile(r"\$?\s*(?:\\d?frac\s*\{\s*(\d+)\s*\}\s*\{\s*(\d+)\s*\}|(\d+)\s*/\s*(\d+))\s*\$?")
+
+
+def _score_fraction(answer: str, task: Task) -> float:
+    """1 for exactly one fraction in lowest terms, nothing else (reasoning-gym matches only a prefix, so
+    "$\\frac{a}{b}$ or $\\frac{c}{d}$" and "$\\frac{a}{b}$ apples" scored 1); 0 otherwise. Its partial credit is dropped:
+    binary mode would zero it anyway, and partial mode should not pay for wrong fractions."""
+    m = _FRACTION.fullmatch(answer)
+    if m is None:
+        return 0.0
+    num, den = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
+    md = task.metadata
+    return 1.0 if (int(num), int(den)) == (md["simplified_numerator"], md["simplified_denominator"]) else 0.0
+
+
 def _is_formula(answer: str, task: Task) -> bool:
     # reasoning-gym parses any unknown word as a fresh variable, so "zzz" scores 0.25 when the premises are
     # contradictory; only the task's variables, the five connectives, parentheses and spaces may appear.
@@ -419,6 +460,8 @@ def score_answer(task: Task, answer: str | None) -> float:
             return 0.0
         if task.ref.generator == "binary_matrix":
             score = _score_binary_matrix(answer, task)
+        elif task.ref.generator == "fraction_simplification":
+            score = _score_fraction(answer, task)
         elif task.ref.generator == "propositional_logic" and not _is_formula(answer, task):
             score = 0.0
         else:
