@@ -66,15 +66,22 @@ class MeshConfig:
     bootstrap: tuple[str, ...] = ()
     max_age_s: float = 900.0
     max_clock_skew_s: float = 60.0
-    # What we accept from one sender (token buckets). A node publishes a few <=1 MB batches per ~1 s round.
-    rate_msgs_per_s: float = 20.0
-    rate_msgs_burst: float = 60.0
-    rate_bytes_per_s: float = 8_000_000.0
-    rate_bytes_burst: float = 24_000_000.0
-    # What we send: half of what receivers accept, so pacing alone never trips their limit.
-    publish_msgs_per_s: float = 10.0
-    publish_bytes_per_s: float = 4_000_000.0
-    publish_bytes_burst: float = 2_000_000.0
+    # What we accept from one sender (token buckets), sized to what a node absorbs (swarm.validator.RateLimit: ~22 ms
+    # of CPU per MB received; 8 MB/s from one sender slowed rounds 3x). A node publishes one or a few batches a round.
+    rate_msgs_per_s: float = 10.0
+    rate_msgs_burst: float = 30.0
+    rate_bytes_per_s: float = 1_000_000.0
+    rate_bytes_burst: float = 4_000_000.0
+    # What we accept from all senders together; beyond it, and while `incoming` is 3/4 full, messages are shed ("load")
+    total_msgs_per_s: float = 100.0
+    total_msgs_burst: float = 300.0
+    total_bytes_per_s: float = 4_000_000.0
+    total_bytes_burst: float = 16_000_000.0
+    # What we send: half of what receivers accept, and a burst within a new sender's first second of budget there,
+    # so pacing alone never trips their limit.
+    publish_msgs_per_s: float = 5.0
+    publish_bytes_per_s: float = 500_000.0
+    publish_bytes_burst: float = 1_000_000.0
     heartbeat_s: float = 1.0
     hello_interval_s: float = 10.0
     mdns: bool = False
@@ -97,7 +104,9 @@ class MeshConfig:
     pubsub_stall_s: float = PUBSUB_STALL_S  # connected this long without a working pubsub link -> disconnect (0: off)
 
     def rate(self) -> RateLimit:
-        return RateLimit(self.rate_msgs_per_s, self.rate_msgs_burst, self.rate_bytes_per_s, self.rate_bytes_burst)
+        return RateLimit(self.rate_msgs_per_s, self.rate_msgs_burst, self.rate_bytes_per_s, self.rate_bytes_burst,
+                         total_msgs_per_s=self.total_msgs_per_s, total_msgs_burst=self.total_msgs_burst,
+                         total_bytes_per_s=self.total_bytes_per_s, total_bytes_burst=self.total_bytes_burst)
 
 
 @dataclass(frozen=True)
@@ -106,9 +115,9 @@ class Received:
     from_peer: str  # the signer and libp2p publisher (not the forwarder)
     received_at: float  # wall clock
     size: int  # sealed envelope bytes
-
-
     via: str = ""  # the connected peer that handed it to us (the pool bounds young senders per connection)
+
+
 @dataclass
 class _Counters:
     accepted: int = 0
@@ -299,6 +308,9 @@ class Mesh:
                 "stalled_links": c.stalled_links,
                 "gossip_refused": self._gossip_refused(),
                 "rejections_by_reason": {r: self.validator.counts.get(r, 0) for r in REASONS},
+                "rejected_before_signature": self.validator.prechecked,
+                "relay_charged": self.standing.relay_charged,
+                "relay_strikes": self.standing.relay_strikes,
                 "strikes": self.standing.recent(),
                 "strikes_total": dict(self.standing.total),
                 "banned": self.standing.banned(),
@@ -479,9 +491,9 @@ class Mesh:
             fwd = forwarder.to_base58()
             with self._lock:
                 try:
-                    decoded = self.validator.check(msg.data, publisher, fwd)
+                    decoded = self.validator.check(msg.data, publisher, fwd, lagging=self._lagging())
                 except Rejected as r:
-                    banned = self.standing.on_rejection(r.reason, publisher, fwd)
+                    banned = self.standing.on_rejection(r.reason, publisher, fwd, len(msg.data))
                     log.debug("rejected %s from %s via %s", r.reason, publisher, fwd)
                 else:
                     banned = []
@@ -495,6 +507,11 @@ class Mesh:
         except Exception:
             log.exception("topic validator failed; rejecting")
             return False
+
+    def _lagging(self) -> bool:
+        """The node is not draining `incoming`: shed rollouts at validation (cheaper than validating, forwarding and
+        then dropping them at a full channel)."""
+        return self._send.statistics().current_buffer_used >= 0.75 * self.config.incoming_capacity
 
     def _on_message(self, msg: rpc_pb2.Message) -> None:
         """Called synchronously by GuardedPubsub for each new validated message: never blocks."""
