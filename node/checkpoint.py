@@ -8,6 +8,7 @@ else (config, optimizer hyper-parameters, RNG states, caller's extras, file hash
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import re
 import secrets
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,54 @@ def round_dir_name(round: int) -> str:
 # -- saving -------------------------------------------------------------------------------------------------------------
 
 
+class _StateOnly:
+    """What save_checkpoint reads of a model or optimizer (its state_dict), frozen at one moment."""
+
+    def __init__(self, state: dict) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Copies of everything a checkpoint holds, so it can be written while training goes on."""
+
+    model: Any
+    optimizer: Any
+    rng_state: dict
+
+
+def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, rng: random.Random | None) -> Snapshot:
+    """Copy model and optimizer state to CPU memory (tied weights stay tied) and the RNG states, as of now."""
+    clones: dict[tuple, torch.Tensor] = {}
+    sd = {}
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride()) if t.numel() \
+            else None
+        if key is None or key not in clones:
+            c = t.to("cpu", copy=True)
+            if key is not None:
+                clones[key] = c
+        sd[name] = c if key is None else clones[key]
+    opt = None if optimizer is None else _StateOnly(copy.deepcopy(_to_cpu(optimizer.state_dict())))
+    return Snapshot(_StateOnly(sd), opt, _rng_state(rng))
+
+
+def _to_cpu(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.detach().to("cpu")
+    if isinstance(v, dict):
+        return {k: _to_cpu(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_to_cpu(x) for x in v]
+    if isinstance(v, tuple):
+        return tuple(_to_cpu(x) for x in v)
+    return v
+
+
 def save_checkpoint(
     dir: str | os.PathLike[str],
     *,
@@ -57,9 +107,11 @@ def save_checkpoint(
     rng: random.Random | None,
     extra: dict | None = None,
     keep: int = 3,
+    rng_state: dict | None = None,
 ) -> Path:
     """Write round `round` atomically, then prune to the newest `keep` checkpoints; returns the checkpoint's path.
 
+    `model`/`optimizer` may be a Snapshot's, with its `rng_state` (then `rng` is not read).
     On any failure nothing that existed before is touched (only the temporary directory is removed).
     """
     if round < 0:
@@ -88,7 +140,7 @@ def save_checkpoint(
             "torch_version": torch.__version__,
             "model": {"aliases": aliases, "shapes": shapes},
             "optimizer": opt_json,
-            "rng": _rng_state(rng),
+            "rng": rng_state if rng_state is not None else _rng_state(rng),
             "files": {f: _sha256(tmp / f) for f in (MODEL_FILE, OPTIMIZER_FILE)},
         }
         try:
@@ -132,7 +184,14 @@ def _prune(root: Path, *, keep: int, current: Path) -> None:
     for _, path in rounds:
         if path not in kept:
             _discard(path, root)
-    # Leftovers of crashed saves (single writer per directory, so none of these is in progress).
+    sweep_leftovers(root)
+
+
+def sweep_leftovers(dir: str | os.PathLike[str]) -> None:
+    """Remove what crashed saves left (single writer per directory, so none of these is in progress)."""
+    root = Path(dir)
+    if not root.is_dir():
+        return
     for p in root.iterdir():
         if p.is_dir() and (p.name.startswith(_TMP_PREFIX) or p.name.startswith(_TRASH_PREFIX)):
             shutil.rmtree(p, ignore_errors=True)

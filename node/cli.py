@@ -55,6 +55,7 @@ HELP = {
     "checkpoint_every": "Rounds between checkpoints (also one at every clean stop).",
     "keep_checkpoints": "Checkpoints kept.",
     "resume": "Continue from the newest complete checkpoint.",
+    "checkpoint_interval_s": "Also checkpoint once this many seconds of work are unsaved (0 = by rounds only); written in the background.",
     "metrics": "Append one JSON line per round to this file.",
     "eval_every": "Rounds between held-out greedy evaluations (0 = never).",
     "eval_size": "Held-out questions per evaluation.",

@@ -121,6 +121,7 @@ class NodeConfig:
         checks = [
             (self.local >= 0 and self.external >= 0 and self.local + self.external > 0, "--local + --external must be > 0"),
             (self.questions_per_round >= 1, "--questions-per-round must be >= 1"),
+    checkpoint_interval_s: float = 60.0  # ... or sooner, once this much work is unsaved (0 = rounds only)
             (self.group_size >= 2, "--group-size must be >= 2 (GRPO compares completions within a group)"),
             (self.temperature > 0, "--temperature must be > 0"),
             (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
@@ -160,6 +161,7 @@ class NodeConfig:
         d["bootstrap"] = list(self.bootstrap)
         return d
 
+            (self.checkpoint_interval_s >= 0, "--checkpoint-interval-s must be >= 0 (0 = by rounds only)"),
 
 FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
 

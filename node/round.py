@@ -59,8 +59,8 @@ async def run_round(node: "NodeRuntime", r: int) -> dict[str, Any]:
     if cfg.eval_every and (r + 1) % cfg.eval_every == 0:
         metrics["heldout_acc"] = await trio.to_thread.run_sync(learner.evaluate, cfg.eval_size)
     metrics["wall_s"] = round(time.monotonic() - t0, 4)
-    if (r + 1) % cfg.checkpoint_every == 0:
-        await node.checkpoint(r, metrics)
+    if node.checkpoint_due(r):
+        await node.checkpoint(r, metrics, background=True)  # written while the next round runs
     return metrics
 
 

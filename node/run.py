@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 import trio
 
-from node.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from node.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, snapshot, sweep_leftovers
 from node.config import NodeConfig, data_dir
 from node.learner import Learner, ScoredGroup
 from node.policy import Policy
@@ -58,6 +58,10 @@ class NodeRuntime:
         self._publish_send, self._publish_recv = trio.open_memory_channel[tuple[int, list]](4)
         self.dropped_publishes = 0
         self.checkpoint_dir = Path(cfg.checkpoint_dir or data_dir() / "checkpoints" / cfg.swarm)
+        self._saved_at = time.monotonic()
+        self._writing = trio.Event()  # set when no background checkpoint write is in flight
+        self._writing.set()
+        self._nursery: trio.Nursery | None = None
 
     # -- resume / checkpoint ------------------------------------------------------------------------------------
     def resume(self) -> int | None:
@@ -75,20 +79,54 @@ class NodeRuntime:
         log.info("resumed from %s (next round %d)", path, self.round)
         return self.last_saved
 
-    async def checkpoint(self, r: int, latest: dict[str, Any] | None = None) -> None:
-        """Saves round r; `latest` is round r's metrics when they are not in the history yet."""
+    def checkpoint_due(self, r: int) -> bool:
+        """After round r: every --checkpoint-every rounds, or sooner once --checkpoint-interval-s of work is unsaved
+        (long rounds on a real model would otherwise risk several rounds of work between checkpoints)."""
+        if (r + 1) % self.cfg.checkpoint_every == 0:
+            return True
+        interval = self.cfg.checkpoint_interval_s
+        return interval > 0 and time.monotonic() - self._saved_at >= interval
+
+    async def checkpoint(self, r: int, latest: dict[str, Any] | None = None, *, background: bool = False) -> None:
+        """Saves round r; `latest` is round r's metrics when they are not in the history yet.
+
+        background=True copies the state (a memcpy) and writes it while the next round runs; one write at a time, so
+        a due checkpoint waits for the one before it. A kill during a write leaves the previous checkpoint intact.
+        """
         if self.last_saved == r:
+            return
+        await self._writing.wait()
+        if self.last_saved == r:  # the write we waited for was this round's
             return
         history = list(self.history) + ([latest] if latest is not None else [])
         extra = {"history": _jsonable_rows(history[-100:])}
-        await trio.to_thread.run_sync(
-            lambda: save_checkpoint(
-                self.checkpoint_dir, round=r, model=self.policy.model, optimizer=self.learner.trainer.optimizer,
-                config=self.cfg.to_json(), model_name=self.cfg.model, rng=self.rng, extra=extra,
+        snap = await trio.to_thread.run_sync(
+            lambda: snapshot(self.policy.model, self.learner.trainer.optimizer, self.rng))
+        self._saved_at = time.monotonic()  # the work up to here is in the snapshot
+
+        def write() -> None:
+            save_checkpoint(
+                self.checkpoint_dir, round=r, model=snap.model, optimizer=snap.optimizer, config=self.cfg.to_json(),
+                model_name=self.cfg.model, rng=None, rng_state=snap.rng_state, extra=extra,
                 keep=self.cfg.keep_checkpoints,
             )
-        )
-        self.last_saved = r
+
+        if not background or self._nursery is None:
+            await trio.to_thread.run_sync(write)
+            self.last_saved = r
+            return
+        done = self._writing = trio.Event()
+
+        async def write_in_background() -> None:
+            try:
+                await trio.to_thread.run_sync(write)
+                self.last_saved = r
+            except Exception as e:  # a full disk costs this checkpoint, never the node; the next one tries again
+                log.error("checkpoint of round %d failed: %s", r, e)
+            finally:
+                done.set()
+
+        self._nursery.start_soon(write_in_background)
 
     # -- what the round loop asks of the network -----------------------------------------------------------------
     def share(self, r: int, groups: list[ScoredGroup]) -> int:
@@ -196,7 +234,11 @@ class NodeRuntime:
 
     # -- the run --------------------------------------------------------------------------------------------------
     async def run(self, *, on_ready: Callable[["NodeRuntime"], None] | None = None) -> None:
+        # checkpoints are written in the background, after the round's metrics line: sweep a crashed write's
+        # leftovers now, while nothing is being written
+        await trio.to_thread.run_sync(sweep_leftovers, self.checkpoint_dir)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._watch_signals, nursery.cancel_scope)
             if not self.cfg.offline:
                 from swarm.mesh import Mesh, MeshConfig

@@ -212,3 +212,27 @@ def test_untied_target_is_rejected(tmp_path: Path) -> None:
     untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
     with pytest.raises(CheckpointError, match="ties"):
         load_checkpoint(path, model=untied, optimizer=None, rng=None)
+
+
+def test_a_snapshot_written_after_more_training_resumes_bit_identically(tmp_path: Path) -> None:
+    """Background checkpoints: the state is copied at the end of a round and written while training goes on."""
+    from node.checkpoint import snapshot
+
+    model, rng = tiny_qwen(0), random.Random(5)
+    opt = make_opt(model)
+    torch.manual_seed(2)
+    for _ in range(2):
+        train_step(model, opt, rng)
+    snap = snapshot(model, opt, rng)
+    expected = [train_step(model, opt, rng) or {k: v.clone() for k, v in model.state_dict().items()} for _ in range(2)]
+    train_step(model, opt, rng)  # training went on while the write was pending: it must not leak into the checkpoint
+    save_checkpoint(tmp_path, round=1, model=snap.model, optimizer=snap.optimizer, config={}, model_name="tiny-qwen",
+                    rng=None, rng_state=snap.rng_state)
+    model2 = tiny_qwen(9)
+    opt2, rng2 = make_opt(model2), random.Random(0)
+    load_checkpoint(latest_checkpoint(tmp_path), model=model2, optimizer=opt2, rng=rng2, expected_model_name="tiny-qwen")
+    assert model2.lm_head.weight.data_ptr() == model2.model.embed_tokens.weight.data_ptr()  # still tied
+    for want in expected:  # the resumed run repeats the same two steps, bit for bit
+        train_step(model2, opt2, rng2)
+        got = model2.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.items())

@@ -161,3 +161,16 @@ def test_the_heldout_split_used_by_evaluate_is_refused(policy):
     # a partial config that means the node's own is fine (defaults fill in)
     ok = TaskRef.make("arith", {"digits": 2}, 5, 1)
     assert len(learner.rescore([(Rollout(ok, ("a", "b"), None), "p")])) == 1
+
+
+@pytest.mark.parametrize("interval, saved", [(1e-9, [0, 1, 2, 3]), (0.0, [3])])
+def test_unsaved_work_time_triggers_a_checkpoint(tmp_path, interval, saved):
+    """--checkpoint-interval-s bounds lost work when rounds are long, whatever --checkpoint-every says."""
+    from node.checkpoint import _round_dirs
+    torch.set_num_threads(1)
+    ck = tmp_path / "ck"
+    cfg = NodeConfig(offline=True, rounds=4, questions_per_round=4, group_size=4, checkpoint_every=1000,
+                     checkpoint_interval_s=interval, keep_checkpoints=10, checkpoint_dir=str(ck))
+    node = run_node(cfg, Identity.generate(), lambda: load_policy("tiny"))
+    assert node.last_saved == 3
+    assert sorted(r for r, _ in _round_dirs(ck)) == saved
