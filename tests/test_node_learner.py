@@ -174,3 +174,15 @@ def test_unsaved_work_time_triggers_a_checkpoint(tmp_path, interval, saved):
     node = run_node(cfg, Identity.generate(), lambda: load_policy("tiny"))
     assert node.last_saved == 3
     assert sorted(r for r, _ in _round_dirs(ck)) == saved
+
+
+def test_foreign_refs_are_refused_before_anything_is_built(policy, monkeypatch):
+    """Attack 5 (expensive rebuilds): bf at difficulty 2 took 0.3-1.9 s to build; a node that never chose it must not
+    pay for it, however many peers send it."""
+    import verifiers.tasks as tasks
+    learner = Learner(policy, NodeConfig(offline=True, tasks="arith,bf"), random.Random(0))
+    calls = []
+    monkeypatch.setattr(tasks, "_rg_dataset", lambda *a: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+    ref = TaskRef.make("bf", {"difficulty": 2}, 5, 1)
+    assert learner.rescore([(Rollout(ref, ("<answer>a</answer>", "b"), None), "p")] * 50) == []
+    assert learner.rejected == {"foreign_config": 50} and calls == []
