@@ -17,6 +17,22 @@ Gossipsub's own PX (do_px) only rides on PRUNE when a mesh is over D_high, so sm
 mDNS is optional (off by default): py-libp2p's zeroconf implementation only fills the peerstore, so with mdns on we
 scan the peerstore every 5 s and dial what is new. Multicast: not testable on loopback, so untested here.
 
+Discovery must not be a weapon (issue 12, item 8: 61 Hellos once made two honest nodes open 1,068 TCP connections to
+an address only the attacker named). A Hello's addresses are the sender's claim, so before anything is dialed:
+- address ranges are filtered (`AddressPolicy`): never link-local, multicast, broadcast, unspecified or reserved;
+  loopback only when this node listens on loopback itself, private (RFC 1918, CGNAT, ULA) only when it listens on a
+  private address; at most `MAX_ADDRS_PER_PEER` distinct addresses per peer;
+- only Hellos delivered by a peer we are connected to lead to dials, and each such relay can make us dial new peers
+  only at a bounded rate (`via_dials_per_s`, burst `via_dials_burst`), however many identities it relays Hellos for;
+- every dial attempt takes a token from a global bucket (`dials_per_s`, burst `dials_burst`), and one target address
+  (ip, port) is tried at most once per `addr_retry_s` (default: the redial interval), whichever peer ID claims it,
+  unless the last attempt there reached the peer it was meant for;
+- a dial gives up after `dial_timeout_s` per address (tarpits that accept and never answer free the slot quickly).
+Bootstrap addresses are the user's own choice: dialed as given, retried with backoff. py-libp2p's own auto-connector
+(it dials whatever the peerstore holds, and identify lets any connected peer put up to 1,000 addresses there) is
+stopped, and its dial_addr retries (3 more TCP connections per address, 0.1-0.4 s apart) are turned off: each
+attempt counted here is one TCP connection, and this module's own schedules do the retrying.
+
 py-libp2p 0.8.1 dial quirks this module works around:
 - `host.connect` -> `Swarm.dial_peer` tries only ONE address per transport class (first TCP address wins) and
   skips loopback addresses when any other exists; we dial each advertised address ourselves with `dial_addr`.
@@ -25,12 +41,15 @@ py-libp2p 0.8.1 dial quirks this module works around:
 """
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import logging
 import math
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import multiaddr
 import trio
@@ -39,7 +58,13 @@ from libp2p.peer.id import ID
 
 from protocol.messages import Hello
 
+from .validator import TokenBucket
+
 log = logging.getLogger(__name__)
+
+MAX_ADDRS_PER_PEER = 4  # a node on 0.0.0.0 advertises its interfaces + 127.0.0.1: a few, after filtering
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")  # shared address space: private use, not in 3.11's is_private
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
 
 
 @dataclass(frozen=True)
@@ -63,6 +88,63 @@ def split_p2p_addr(addr: str) -> tuple[str, str | None]:
     return str(ma), (str(pid) if pid else None)
 
 
+def address_class(addr: str) -> str | None:
+    """'loopback', 'private' or 'public' for a TCP-over-IP multiaddr; None for one never to dial (link-local, multicast,
+    broadcast, unspecified, reserved, "this network", anything that is not /ip4|ip6/.../tcp/...)."""
+    try:
+        ma = multiaddr.Multiaddr(addr)
+        names = [p.name for p in ma.protocols()]
+        if "tcp" not in names:
+            return None
+        kind = "ip4" if "ip4" in names else "ip6" if "ip6" in names else None
+        if kind is None:
+            return None
+        ip = ipaddress.ip_address(ma.value_for_protocol(kind))
+        port = int(ma.value_for_protocol("tcp"))
+    except Exception:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if port == 0:
+        return None
+    if ip.is_unspecified or ip.is_multicast or ip.is_link_local:
+        return None
+    if ip.is_loopback:
+        return "loopback"  # before is_reserved: ::1 lies in the reserved ::/8
+    if ip.is_reserved:
+        return None  # 255.255.255.255 (broadcast) is in 240.0.0.0/4, reserved
+    if isinstance(ip, ipaddress.IPv4Address) and ip in _THIS_NETWORK:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        return None  # deprecated (RFC 3879)
+    if ip.is_private or (isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT):
+        return "private"
+    return "public" if ip.is_global else None
+
+
+class AddressPolicy:
+    """Which advertised address classes this node may dial, from its own listen addresses: public always, loopback
+    only if it listens on loopback, private only if it listens on a private address (a wildcard listen counts as
+    what it expands to: its interfaces and 127.0.0.1)."""
+
+    def __init__(self, own_addrs: Iterable[str]) -> None:
+        own = {address_class(a) for a in own_addrs}
+        self.allowed = frozenset({"public"} | ({"loopback"} & own) | ({"private"} & own))
+
+    def filter(self, addrs: Iterable[str], limit: int = MAX_ADDRS_PER_PEER) -> tuple[list[str], int]:
+        """(the addresses to dial, deduplicated and at most `limit`, in the given order; how many were refused)."""
+        out: list[str] = []
+        refused = 0
+        for a in addrs:
+            if a in out:
+                continue
+            if address_class(a) not in self.allowed or len(out) >= limit:
+                refused += 1
+                continue
+            out.append(a)
+        return out, refused
+
+
 def dialable(addr: str) -> bool:
     """TCP over ip4/ip6, not a wildcard: the only thing our hosts listen on."""
     try:
@@ -84,10 +166,16 @@ class Discovery:
         is_banned: Callable[[str], bool] = lambda p: False,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
-        dial_timeout_s: float = 10.0,
+        dial_timeout_s: float = 5.0,
         redial_after_s: float = 30.0,
         forget_after_s: float = 3600.0,
         scan_peerstore: bool = False,
+        own_addrs: Sequence[str] | None = None,
+        dials_per_s: float = 2.0,
+        dials_burst: float = 16.0,
+        addr_retry_s: float | None = None,
+        via_dials_per_s: float = 0.5,
+        via_dials_burst: float = 16.0,
     ) -> None:
         self.host = host
         self.me = host.get_id().to_base58()
@@ -102,7 +190,21 @@ class Discovery:
         self.known: dict[str, KnownPeer] = {}
         self.dials_ok = 0
         self.dials_failed = 0
+        self.dial_attempts = 0  # addresses dialed (peer exchange, redials, shard top-ups; bootstrap too)
+        self.dial_timeouts = 0
+        self.addrs_refused = 0  # advertised addresses never dialed (range, per-peer cap)
+        self.dials_throttled = 0  # dials skipped for the global, per-address or per-relay limits
         self.bootstrap_connected = 0  # bootstrap peers connected at least once
+        single_attempt_dials(host)
+        if own_addrs is None:
+            own_addrs = [str(a) for a in host.get_addrs()]
+        self.policy = AddressPolicy(own_addrs)
+        self.addr_retry_s = redial_after_s if addr_retry_s is None else addr_retry_s
+        now = trio.current_time()
+        self._dial_tokens = TokenBucket(dials_per_s, dials_burst, now)
+        self._addr_tried: OrderedDict[str, float] = OrderedDict()  # target address -> trio time of the last attempt
+        self._via_limits = (via_dials_per_s, via_dials_burst)
+        self._via_tokens: OrderedDict[str, TokenBucket] = OrderedDict()
         self._dialing: set[str] = set()
         self._last_try: dict[str, float] = {}
         self._nursery: trio.Nursery | None = None
@@ -117,30 +219,77 @@ class Discovery:
     def n_connected(self) -> int:
         return len(self.host.get_connected_peers())
 
-    async def dial(self, peer: str, addrs: Sequence[str]) -> bool:
-        """Try each address in turn (loopback last); True once connected."""
+    async def dial(self, peer: str, addrs: Sequence[str], *, trusted: bool = False) -> bool:
+        """Try each address in turn (loopback last); True once connected.
+
+        Untrusted addresses (anything a peer advertised) go through the address policy and the dial limits (module
+        doc); `trusted` ones (the user's --bootstrap) are dialed as given."""
         if peer == self.me or self.is_banned(peer):
             return False
         if self.connected(peer):
             return True
+        if not trusted:
+            addrs, refused = self.policy.filter(addrs)
+            self.addrs_refused += refused
         pid = ID.from_base58(peer)
-        ordered = sorted(addrs, key=lambda a: ("/ip4/127." in a or "/ip6/::1/" in a))
+        ordered = sorted(addrs, key=lambda a: address_class(a) == "loopback")
         network = self.host.get_network()
+        tried = False
         for addr in ordered:
+            if not trusted and not self._may_dial(addr):
+                continue
+            tried = True
+            self.dial_attempts += 1
             try:
                 with trio.fail_after(self.dial_timeout_s):
                     await network.dial_addr(multiaddr.Multiaddr(addr), pid)
                 self.host.get_peerstore().add_addrs(pid, [multiaddr.Multiaddr(addr)], 3600)
+                self._addr_tried.pop(addr, None)  # the right peer answered there: a later redial need not wait
                 self.dials_ok += 1
                 log.debug("connected to %s at %s", peer, addr)
                 return True
-            except (Exception, trio.TooSlowError) as e:
+            except trio.TooSlowError:
+                self.dial_timeouts += 1
+                log.debug("dial %s at %s timed out after %.1f s", peer, addr, self.dial_timeout_s)
+            except Exception as e:
                 log.debug("dial %s at %s failed: %s", peer, addr, e)
-        self.dials_failed += 1
+        if tried:
+            self.dials_failed += 1
         return False
+
+    def _may_dial(self, addr: str) -> bool:
+        """Take the global dial token and the target address's slot, or count a throttled dial."""
+        now = trio.current_time()
+        last = self._addr_tried.get(addr)
+        if (last is not None and now - last < self.addr_retry_s) or not self._dial_tokens.can_take(1, now):
+            self.dials_throttled += 1
+            return False
+        self._dial_tokens.take(1, now)
+        self._addr_tried[addr] = now
+        self._addr_tried.move_to_end(addr)
+        while len(self._addr_tried) > 4096:
+            self._addr_tried.popitem(last=False)
+        return True
+
+    def _via_may_dial(self, via: str) -> bool:
+        """One new-peer dial on behalf of relay `via` (the connected peer that delivered the Hello)."""
+        now = trio.current_time()
+        bucket = self._via_tokens.get(via)
+        if bucket is None:
+            bucket = self._via_tokens[via] = TokenBucket(*self._via_limits, now)
+            while len(self._via_tokens) > 4 * self.max_peers:
+                self._via_tokens.popitem(last=False)
+        else:
+            self._via_tokens.move_to_end(via)
+        if not bucket.can_take(1, now):
+            self.dials_throttled += 1
+            return False
+        bucket.take(1, now)
+        return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Dial bootstrap peers (each in its own retrying task) and serve peer-exchange dials; runs until cancelled."""
+        stop_auto_connector(self.host)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if self.bootstrap:
@@ -164,7 +313,7 @@ class Discovery:
                 peer = pid.to_base58()
                 if peer in self.known:
                     continue  # redialed from its Hellos
-                self._maybe_dial(peer, [str(a) for a in store.addrs(pid) if dialable(str(a))])
+                self._maybe_dial(peer, self.policy.filter(str(a) for a in store.addrs(pid) if dialable(str(a)))[0])
 
     async def _warn_if_alone(self, first_round: list[trio.Event], answered: list[bool]) -> None:
         for ev in first_round:
@@ -193,7 +342,7 @@ class Discovery:
                 first_done.set()
                 await trio.sleep(self.backoff_max_s / 6)  # cheap liveness poll; reconnect if the link drops
                 continue
-            ok = await self.dial(peer, [base])
+            ok = await self.dial(peer, [base], trusted=True)
             if ok:
                 answered[0] = True
                 if not ever:
@@ -208,8 +357,9 @@ class Discovery:
                 await trio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, self.backoff_max_s)
 
-    def on_hello(self, hello: Hello, received_at: float) -> None:
-        """Record a verified Hello; dial its sender if we are not connected and have room."""
+    def on_hello(self, hello: Hello, received_at: float, via: str | None = None) -> None:
+        """Record a verified Hello delivered by `via` (the connected peer that handed it to us; None: its sender) and
+        dial its sender if we are not connected and have room. Only policy-allowed addresses are kept."""
         addrs = []
         for a in hello.listen_addrs:
             try:
@@ -219,19 +369,26 @@ class Discovery:
             if pid not in (None, hello.sender) or not dialable(base):
                 continue  # an address for somebody else is ignored, never dialed
             addrs.append(base)
+        addrs, refused = self.policy.filter(addrs)
+        self.addrs_refused += refused
+        if via is not None and via != hello.sender and not self.connected(via):
+            return  # only Hellos from peers we are connected to lead anywhere
         self.known[hello.sender] = KnownPeer(hello.sender, tuple(addrs), hello.round, hello.model, received_at)
         if len(self.known) > 4 * self.max_peers:  # forget the least recently heard
             oldest = min(self.known.values(), key=lambda k: k.last_hello)
             del self.known[oldest.peer_id]
-        self._maybe_dial(hello.sender, addrs)
+        self._maybe_dial(hello.sender, addrs, via=via)
 
-    def _maybe_dial(self, peer: str, addrs: Sequence[str]) -> None:
-        """Start a peer-exchange dial unless we are connected, already dialing, full, or tried it recently."""
+    def _maybe_dial(self, peer: str, addrs: Sequence[str], via: str | None = None) -> None:
+        """Start a peer-exchange dial unless we are connected, already dialing, full, tried it recently, or the relay
+        that told us about it is over its budget of new-peer dials."""
         if (self._nursery is None or not addrs or peer == self.me or peer in self._dialing or self.is_banned(peer)
                 or self.connected(peer) or self.n_connected() >= self.max_peers):
             return
         now = trio.current_time()
         if now - self._last_try.get(peer, -math.inf) < self.redial_after_s:
+            return
+        if via is not None and via != peer and not self._via_may_dial(via):
             return
         self._last_try[peer] = now
         if len(self._last_try) > 8 * self.max_peers:
@@ -258,3 +415,22 @@ class Discovery:
                     log.info("peer exchange: connected to %s", peer)
         finally:
             self._dialing.discard(peer)
+
+
+def stop_auto_connector(host: IHost) -> bool:
+    """Stop py-libp2p 0.8.1's AutoConnector (it dials peerstore entries, which identify fills with whatever addresses
+    a connected peer claims, toward a target of 150 connections); True if one was running."""
+    ac = getattr(host.get_network(), "auto_connector", None)
+    if ac is None or not getattr(ac, "_started", False):
+        return False
+    ac._started = False  # its loop and the on-disconnect trigger both return at once when not started
+    ac._shutdown_event.set()
+    return True
+
+
+def single_attempt_dials(host: IHost) -> None:
+    """Make `Swarm.dial_addr` one TCP connection per call (py-libp2p 0.8.1 retries 3 times by default)."""
+    network = host.get_network()
+    rc = getattr(network, "retry_config", None)
+    if rc is not None and getattr(rc, "max_retries", 0) != 0:
+        network.retry_config = dataclasses.replace(rc, max_retries=0)

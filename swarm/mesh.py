@@ -206,7 +206,7 @@ class Mesh:
                     self._discovery = Discovery(host, bootstrap=cfg.bootstrap, max_peers=cfg.max_peers,
                                                 is_banned=self.standing.is_banned,
                                                 backoff_max_s=cfg.bootstrap_backoff_max_s, scan_peerstore=cfg.mdns,
-                                                redial_after_s=cfg.redial_after_s)
+                                                redial_after_s=cfg.redial_after_s, own_addrs=self._listen_addrs)
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
                         await nursery.start(self._discovery.run)
@@ -320,6 +320,8 @@ class Mesh:
                 "known_peers": known,
                 "dials_ok": self._discovery.dials_ok if self._discovery else 0,
                 "dials_failed": self._discovery.dials_failed if self._discovery else 0,
+                "dials": {k: getattr(self._discovery, k, 0) for k in
+                          ("dial_attempts", "dial_timeouts", "addrs_refused", "dials_throttled")},
                 "unresponsive_dropped": self._liveness.dropped if self._liveness else 0,
                 "ping_ms": dict(self._liveness.rtt_ms) if self._liveness else {},
                 "ping_lagged_cycles": self._liveness.lagged_cycles if self._liveness else 0,
@@ -532,7 +534,7 @@ class Mesh:
                 self._c.accepted_hellos += 1
                 self._c.bytes_in += size
             if self._discovery is not None:
-                self._discovery.on_hello(decoded, now)
+                self._discovery.on_hello(decoded, now, via=via)
             return
         assert isinstance(decoded, RolloutBatch)
         with self._lock:

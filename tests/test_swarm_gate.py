@@ -2,6 +2,7 @@
 sized to what a node absorbs, and discovery that cannot be aimed at an address."""
 from __future__ import annotations
 
+import functools
 import random
 import string
 import time
@@ -144,3 +145,132 @@ async def test_the_node_total_budget_sheds_load_and_strikes_nobody() -> None:
     assert 1 <= st["accepted"] <= bound, (st["accepted"], bound)
     assert st["rejections_by_reason"]["load"] == 14 - st["accepted"], st["rejections_by_reason"]
     assert not st["banned"] and not st["strikes_total"]
+
+
+# ---------------------------------------------------------------- item 8: discovery cannot be aimed at an address
+
+class CountingListener:
+    """Local TCP listeners on loopback (the "victim" address an attacker names) that count accepted connections."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.ports: list[int] = []
+
+    async def serve(self, nursery: trio.Nursery, n: int) -> None:
+        async def handler(stream: trio.SocketStream) -> None:
+            self.accepted += 1
+            await stream.aclose()
+
+        for _ in range(n):
+            listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+            self.ports.append(listeners[0].socket.getsockname()[1])
+
+
+async def test_hellos_naming_an_address_get_a_bounded_number_of_connections_to_it() -> None:
+    """61 Hellos once made two honest nodes open 1,068 TCP connections to an address only the attacker named. Here 60
+    fresh identities' Hellos, relayed by one peer connected to A (A forwards them to B), each name 6 ports of a
+    counting listener (16 spellings, with /p2p/ suffixes and repeats). Before: every Hello dialed every address, and
+    py-libp2p retried each dial 3 times (hundreds of connections). Now: at most 4 addresses per peer, one attempt
+    per target address and redial interval per node, and the relay's new-peer budget caps how many identities it can
+    make us dial at all."""
+    from protocol.messages import PROTOCOL_VERSION, Hello
+
+    sybils = [Identity.generate() for _ in range(60)]
+    async with trio.open_nursery() as n:
+        target = CountingListener()
+        await target.serve(n, 6)
+        a = await start(n)
+        b = await start(n, a)
+        await wait_until(lambda: b.peer_id in a.peers() and a.peer_id in b.peers())
+        attacker = Relayer(Identity.generate(), topic_for(SWARM))
+        async with attacker.running():
+            apid = await attacker.connect(a.listen_addrs()[0])
+            await attacker.wait_subscribed(apid)
+            await wait_until(lambda: attacker.identity.peer_id in a.peers())
+            t0 = trio.current_time()
+            for s in sybils:
+                addrs = [f"/ip4/127.0.0.1/tcp/{p}" for p in target.ports]
+                addrs += [f"{x}/p2p/{s.peer_id}" for x in addrs] + addrs[:2] * 4
+                hello = Hello(s.peer_id, SWARM, PROTOCOL_VERSION, 0, time.time(), time.time_ns() // 1000, "m",
+                              tuple(addrs[:16]))
+                attacker.relay(apid, s, seal(hello, s))
+                await trio.sleep(0.01)
+            # every Hello reached A and B's discovery, and no dial is still in flight
+            await wait_until(lambda: a.stats()["accepted_hellos"] >= 60 and b.stats()["accepted_hellos"] >= 60, 30)
+            await wait_until(lambda: not a._discovery._dialing and not b._discovery._dialing, 60)
+            elapsed = trio.current_time() - t0
+            st_a, st_b = a.stats(), b.stats()
+        n.cancel_scope.cancel()
+    retry = a._discovery.addr_retry_s
+    bound = 2 * 4 * (1 + int(elapsed // retry))  # per node, per address (4 of 6), per redial interval
+    assert 1 <= target.accepted <= bound, (target.accepted, bound, st_a["dials"], st_b["dials"])
+    assert st_a["dials"]["addrs_refused"] > 0 and st_a["dials"]["dials_throttled"] > 0
+    assert b.peer_id in st_a["peers"]  # the honest link is intact
+
+
+async def test_a_tarpit_address_frees_its_dial_slot_after_the_dial_timeout() -> None:
+    """A listener that accepts and never answers (no Noise handshake): each dial there gives up after
+    dial_timeout_s (5 s; before: 10 s per attempt x 4 attempts with py-libp2p's retries), once."""
+    from protocol.messages import PROTOCOL_VERSION, Hello
+
+    held: list[trio.SocketStream] = []
+
+    async def tarpit(stream: trio.SocketStream) -> None:
+        held.append(stream)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as n:
+        listeners = await n.start(functools.partial(trio.serve_tcp, tarpit, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        a = await start(n)
+        relay = Relayer(Identity.generate(), topic_for(SWARM))
+        async with relay.running():
+            apid = await relay.connect(a.listen_addrs()[0])
+            await relay.wait_subscribed(apid)
+            await wait_until(lambda: relay.identity.peer_id in a.peers())
+            s = Identity.generate()
+            hello = Hello(s.peer_id, SWARM, PROTOCOL_VERSION, 0, time.time(), 1, "m", (f"/ip4/127.0.0.1/tcp/{port}",))
+            t0 = trio.current_time()
+            relay.relay(apid, s, seal(hello, s))
+            await wait_until(lambda: a.stats()["dials"]["dial_timeouts"] >= 1, 30)
+            took = trio.current_time() - t0
+            await wait_until(lambda: not a._discovery._dialing, 10)
+        n.cancel_scope.cancel()
+    assert len(held) == 1  # one connection, no retries
+    timeout = a._discovery.dial_timeout_s
+    assert timeout <= 5.0  # a slot held by a tarpit is back within seconds (it was 10 s)
+    assert timeout <= took < timeout + 10, took  # + scheduling on a loaded machine, never another attempt
+
+
+def test_address_filter_never_dials_link_local_multicast_broadcast_or_unspecified() -> None:
+    """No real dials: what the policy lets through for each range, depending on where the node itself listens."""
+    from swarm.discovery import MAX_ADDRS_PER_PEER, AddressPolicy, address_class
+
+    cases = {
+        "/ip4/127.0.0.1/tcp/4001": "loopback", "/ip4/127.9.9.9/tcp/4001": "loopback", "/ip6/::1/tcp/4001": "loopback",
+        "/ip4/10.1.2.3/tcp/4001": "private", "/ip4/172.16.0.1/tcp/4001": "private",
+        "/ip4/192.168.1.1/tcp/4001": "private", "/ip4/100.64.0.1/tcp/4001": "private",
+        "/ip6/fd00::1/tcp/4001": "private",
+        "/ip4/8.8.8.8/tcp/4001": "public", "/ip6/2001:4860:4860::8888/tcp/4001": "public",
+        "/ip4/169.254.169.254/tcp/80": None, "/ip6/fe80::1/tcp/4001": None,  # link-local (cloud metadata, too)
+        "/ip4/224.0.0.1/tcp/4001": None, "/ip4/239.255.255.250/tcp/1900": None, "/ip6/ff02::1/tcp/4001": None,
+        "/ip4/255.255.255.255/tcp/4001": None, "/ip4/240.0.0.1/tcp/4001": None,  # broadcast, reserved
+        "/ip4/0.0.0.0/tcp/4001": None, "/ip4/0.1.2.3/tcp/4001": None, "/ip6/::/tcp/4001": None,
+        "/ip6/::ffff:169.254.1.1/tcp/4001": None, "/ip6/::ffff:127.0.0.1/tcp/4001": "loopback",
+        "/ip4/8.8.8.8/tcp/0": None, "/ip4/8.8.8.8/udp/4001": None, "/dns4/example.com/tcp/4001": None, "junk": None,
+    }
+    for addr, cls in cases.items():
+        assert address_class(addr) == cls, addr
+    everything = list(cases)
+    loop_only = AddressPolicy([f"/ip4/127.0.0.1/tcp/5000/p2p/{Identity.generate().peer_id}"])
+    assert loop_only.allowed == {"loopback", "public"}
+    lan = AddressPolicy(["/ip4/192.168.1.7/tcp/5000", "/ip4/127.0.0.1/tcp/5000"])  # a wildcard listen, expanded
+    assert lan.allowed == {"loopback", "private", "public"}
+    public = AddressPolicy(["/ip4/8.8.4.4/tcp/5000"])
+    assert public.allowed == {"public"}
+    for policy in (loop_only, lan, public):
+        kept, refused = policy.filter(everything, limit=100)
+        assert all(address_class(a) in policy.allowed for a in kept) and refused == len(everything) - len(kept)
+        assert not any(address_class(a) is None for a in kept)
+    kept, refused = public.filter(["/ip4/8.8.8.8/tcp/1"] * 3 + [f"/ip4/8.8.8.{i}/tcp/1" for i in range(1, 9)])
+    assert len(kept) == MAX_ADDRS_PER_PEER and len(set(kept)) == len(kept)
