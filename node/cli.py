@@ -19,7 +19,9 @@ HELP = {
     "model": "tiny (embedded, default), an alias (qwen-0.5b, qwen-1.5b, qwen3-0.6b, ...), a hub id, or a local directory.",
     "device": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.",
     "dtype": "auto (bf16 on capable GPUs, fp32 otherwise), float32, bfloat16 or float16.",
-    "tasks": "Task families and weights, e.g. 'arith' or 'basic_arithmetic:2,base_conversion:1'.",
+    "tasks": "Task families and weights, e.g. 'arith' or 'basic_arithmetic:2,base_conversion:1' [default: arith; "
+             "tiny-sparse: its four families].",
+    "task_config": "Per-family task settings as JSON, e.g. '{\"arith\": {\"digits\": 3}}' (peers' refs must match).",
     "seed": "Seed for task sampling, generation and training.",
     "threads": "Torch CPU threads (0 = all cores).",
     "local": "I: own rollout groups trained on per round.",
@@ -30,6 +32,13 @@ HELP = {
     "max_staleness_s": "Peers' groups older than this many seconds are dropped.",
     "newcomer_probation_s": "Peers first heard from less than this many seconds ago get at most a quarter of the external slots, after older peers.",
     "share": "What to publish: all groups, only those with mixed rewards (nonzero), or none.",
+    "external_baseline": "Advantages of peers' completions: within the peer's group (sender) or against this node's "
+                         "own mean reward on the task family (receiver).",
+    "external_positive_only": "Train only on peers' completions with a positive advantage.",
+    "external_select": "Which useful peers' groups fill J: uniform, or lacking (families where this node's own "
+                       "groups had no signal).",
+    "adaptive_j": "Move J by an online estimate of whether peers' groups help more than own questions; generate "
+                  "I + J minus the peers' groups taken (alone: I + J).",
     "temperature": "Sampling temperature (also used for training log-probs).",
     "top_p": "Nucleus sampling.",
     "max_new_tokens": "Completion length budget.",
@@ -53,9 +62,9 @@ HELP = {
     "rounds": "Stop after this round count (0 = run until stopped; counts resumed rounds).",
     "checkpoint_dir": "Checkpoint directory (default: <data dir>/checkpoints/<swarm>).",
     "checkpoint_every": "Rounds between checkpoints (also one at every clean stop).",
+    "checkpoint_interval_s": "Also checkpoint once this many seconds of work are unsaved (0 = by rounds only); written in the background.",
     "keep_checkpoints": "Checkpoints kept.",
     "resume": "Continue from the newest complete checkpoint.",
-    "checkpoint_interval_s": "Also checkpoint once this many seconds of work are unsaved (0 = by rounds only); written in the background.",
     "metrics": "Append one JSON line per round to this file.",
     "eval_every": "Rounds between held-out greedy evaluations (0 = never).",
     "eval_size": "Held-out questions per evaluation.",
@@ -77,9 +86,9 @@ HELP = {
     "ping_timeout_s": "Seconds a peer has to answer a liveness ping.",
 }
 FLAGS = {"resume", "offline", "mdns"}  # presence flags
-OPTIONAL_TYPES = {"local": int, "external": int, "questions_per_round": int, "max_external_per_peer": int,
+OPTIONAL_TYPES = {"tasks": str, "task_config": str, "local": int, "external": int, "questions_per_round": int, "max_external_per_peer": int,
              "max_new_tokens": int, "learning_rate": float, "delta": float}
-TOGGLES = {"mask_truncated_completions", "offpolicy_mask"}  # --x/--no-x
+TOGGLES = {"mask_truncated_completions", "offpolicy_mask", "external_positive_only", "adaptive_j"}  # --x/--no-x
 
 
 def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:

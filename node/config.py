@@ -6,6 +6,7 @@ config-file reader, so scripts and tests can build a NodeConfig without click.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -33,16 +34,45 @@ def data_dir() -> Path:
 # tokens and learns from bigger batches: measured with scripts/tune_tiny_grpo.py, 8 questions a round left 60 rounds
 # within noise while 32 raised held-out greedy accuracy 0.27 -> 0.41-0.51 (lr 3e-4 collapsed). Real models keep the
 # paper's shape: 8 questions, I + J = 8.
+# The sparse regime's four task families (scripts/build_sparse_model.py, docs/sapo_experiment.md): short prompts the
+# character tokenizer handles, each family one specialty with one config (what peers' refs must match).
+SPARSE_TASKS = "arith,basic_arithmetic,decimal_arithmetic,fraction_simplification"
+SPARSE_TASK_CONFIG: dict[str, dict[str, Any]] = {
+    "arith": {"digits": 2, "ops": "+-"},
+    "basic_arithmetic": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 1, "operators": "+-*",
+                         "allow_parentheses": False, "allow_negation": False, "whitespace": "single"},
+    "decimal_arithmetic": {"min_terms": 2, "max_terms": 2, "min_num_decimal_places": 1, "max_num_decimal_places": 1,
+                           "precision": 3},
+    "fraction_simplification": {"max_value": 30, "max_factor": 6},
+}
+
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": {"questions_per_round": 32, "local": 16, "external": 16, "max_external_per_peer": 8,
              "max_new_tokens": 8, "learning_rate": 1e-4},
+    "tiny-sparse": {"tasks": SPARSE_TASKS, "task_config": json.dumps(SPARSE_TASK_CONFIG, sort_keys=True),
+                    "questions_per_round": 32, "local": 16, "external": 16, "max_external_per_peer": 8,
+                    "max_new_tokens": 10, "learning_rate": 1e-4},
     "*": {"questions_per_round": 8, "local": 4, "external": 4, "max_external_per_peer": 2,
           "max_new_tokens": 512, "learning_rate": 1e-6},
 }
+DEFAULTS_FOR_ALL = {"tasks": "arith", "task_config": ""}  # per-model settings most models share
 
 
 def model_defaults(model: str) -> dict[str, Any]:
-    return MODEL_DEFAULTS.get(model, MODEL_DEFAULTS["*"])
+    return {**DEFAULTS_FOR_ALL, **MODEL_DEFAULTS.get(model, MODEL_DEFAULTS["*"])}
+
+
+def parse_task_config(spec: str) -> dict[str, dict[str, Any]]:
+    """--task-config: a JSON object of per-family config overrides, e.g. '{"arith": {"digits": 3}}' ("" = none)."""
+    if not spec.strip():
+        return {}
+    try:
+        raw = json.loads(spec)
+    except ValueError as e:
+        raise ConfigError(f"--task-config must be a JSON object of family -> settings: {e}") from None
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in raw.items()):
+        raise ConfigError('--task-config must be a JSON object of family -> settings, e.g. {"arith": {"digits": 3}}')
+    return raw
 
 
 @dataclass(frozen=True)
@@ -51,7 +81,8 @@ class NodeConfig:
     model: str = "tiny"
     device: str = "auto"
     dtype: str = "auto"
-    tasks: str = "arith"  # "family[:weight],..." (verifiers.parse_task_weights)
+    tasks: str | None = None  # "family[:weight],..." (verifiers.parse_task_weights); None = the model's (arith)
+    task_config: str | None = None  # JSON: per-family config overrides; None = the model's ("" = none)
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
     # the SAPO mix
@@ -64,6 +95,11 @@ class NodeConfig:
     max_staleness_s: float = 900.0  # peers' groups older than this are dropped
     newcomer_probation_s: float = 60.0  # senders newer than this are last in line for J slots (swarm.pool)
     share: str = "all"  # "all" | "nonzero" (only groups with mixed rewards) | "none"
+    # the receiver's choices (node.mix): advantages of peers' completions, which peers' groups, how many
+    external_baseline: str = "sender"  # "sender" (GRPO within the peer's group) | "receiver" (our own family mean)
+    external_positive_only: bool = False  # train only peers' completions with a positive advantage
+    external_select: str = "uniform"  # "uniform" | "lacking" (families where our own groups had no signal)
+    adaptive_j: bool = False  # move J by whether peers' groups help; generate I + J - (groups taken)
     # generation
     temperature: float = 1.0
     top_p: float = 1.0
@@ -90,6 +126,7 @@ class NodeConfig:
     rounds: int = 0  # 0 = until stopped
     checkpoint_dir: str = ""  # "" = <data dir>/checkpoints/<swarm>
     checkpoint_every: int = 5
+    checkpoint_interval_s: float = 60.0  # ... or sooner, once this much work is unsaved (0 = rounds only)
     keep_checkpoints: int = 3
     resume: bool = False
     metrics: str = ""  # JSONL path, one line per round
@@ -121,7 +158,7 @@ class NodeConfig:
         checks = [
             (self.local >= 0 and self.external >= 0 and self.local + self.external > 0, "--local + --external must be > 0"),
             (self.questions_per_round >= 1, "--questions-per-round must be >= 1"),
-    checkpoint_interval_s: float = 60.0  # ... or sooner, once this much work is unsaved (0 = rounds only)
+            (isinstance(parse_task_config(self.task_config), dict), "--task-config must be a JSON object"),
             (self.group_size >= 2, "--group-size must be >= 2 (GRPO compares completions within a group)"),
             (self.temperature > 0, "--temperature must be > 0"),
             (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
@@ -129,9 +166,12 @@ class NodeConfig:
             (self.learning_rate > 0, "--learning-rate must be > 0"),
             (self.rounds >= 0, "--rounds must be >= 0 (0 runs until stopped)"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
+            (self.checkpoint_interval_s >= 0, "--checkpoint-interval-s must be >= 0 (0 = by rounds only)"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
             (0 <= self.status_port <= 65535, "--status-port must be a TCP port (0-65535)"),
             (self.share in ("all", "nonzero", "none"), "--share must be all, nonzero or none"),
+            (self.external_baseline in ("sender", "receiver"), "--external-baseline must be sender or receiver"),
+            (self.external_select in ("uniform", "lacking"), "--external-select must be uniform or lacking"),
             (self.max_external_per_peer >= 1, "--max-external-per-peer must be >= 1"),
             (self.newcomer_probation_s >= 0, "--newcomer-probation-s must be >= 0"),
             (self.eval_every >= 0 and self.eval_size >= 1, "--eval-every must be >= 0 and --eval-size >= 1"),
@@ -161,7 +201,6 @@ class NodeConfig:
         d["bootstrap"] = list(self.bootstrap)
         return d
 
-            (self.checkpoint_interval_s >= 0, "--checkpoint-interval-s must be >= 0 (0 = by rounds only)"),
 
 FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
 

@@ -111,9 +111,14 @@ class TrainGroup:
     rewards: tuple[float, ...]
     truncated: tuple[bool, ...]
     external: bool = False  # sampled by a peer's policy (off-policy for us)
+    # per-completion advantages chosen by the caller (e.g. against the receiver's own baseline, node.mix);
+    # None = the usual group-relative advantages from the rewards
+    advantages: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.completion_ids)
+        if self.advantages is not None and (len(self.advantages) != n or not all(math.isfinite(a) for a in self.advantages)):
+            raise ValueError(f"TrainGroup: {n} completions need {n} finite advantages")
         if n == 0:
             raise ValueError("TrainGroup: needs at least one completion")
         if len(self.rewards) != n or len(self.truncated) != n:
@@ -334,6 +339,11 @@ class GRPOTrainer:
             weight_decay=config.weight_decay,
         )
         self.steps = 0  # optimizer steps taken so far
+        # gradient probe (node.mix's adaptive J): when on, own and peers' sequences go in separate micro-batches and
+        # the first iteration records a fixed subsample of each part's gradient in `last_probe`
+        self.probe = False
+        self.last_probe: dict[str, Tensor | float] | None = None
+        self._probe_idx: list[Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -382,6 +392,7 @@ class GRPOTrainer:
             raise ValueError("train_step: no groups")
         rewards = [torch.tensor(g.rewards, dtype=torch.float32) for g in groups]
         advs, stds = _group_stats(rewards, cfg.scale_rewards)
+        advs = [a if g.advantages is None else torch.tensor(g.advantages, dtype=torch.float32) for g, a in zip(groups, advs)]
         flat_rewards = torch.cat(rewards)
         metrics: dict[str, float] = {
             "reward_mean": float(flat_rewards.mean()),
@@ -399,7 +410,16 @@ class GRPOTrainer:
             if bool(torch.any(a != 0)):
                 for comp, adv, trunc in zip(g.completion_ids, a.tolist(), g.truncated):
                     seqs.append(_Seq(g.prompt_ids, comp, adv, trunc, g.external))
-        batches = self._micro_batches(seqs) if seqs else []
+        if self.probe:  # own sequences first, never sharing a micro-batch with peers'
+            own_seqs = [q for q in seqs if not q.external]
+            ext_seqs = [q for q in seqs if q.external]
+            batches = (self._micro_batches(own_seqs) if own_seqs else []) + (
+                self._micro_batches(ext_seqs) if ext_seqs else [])
+            n_own_batches = (len(own_seqs) + cfg.micro_batch_size - 1) // cfg.micro_batch_size
+        else:
+            batches = self._micro_batches(seqs) if seqs else []
+            n_own_batches = 0
+        self.last_probe = None
         n_tokens = sum(float(mb.completion_mask.sum()) for mb in batches)
         normalizer = loss_normalizer(len(seqs), n_tokens, cfg)
 
@@ -425,7 +445,10 @@ class GRPOTrainer:
                     break
                 self.optimizer.zero_grad(set_to_none=True)
                 total = 0.0
-                for mb in batches:
+                probe_own = None
+                for j, mb in enumerate(batches):
+                    if self.probe and it == 0 and j == n_own_batches:
+                        probe_own = self._grad_sample()  # the own part of the gradient, before peers' is added
                     logps, entropy = per_token_logps_and_entropy(
                         self.model, mb.input_ids, mb.attention_mask, mb.n_completion, cfg.temperature)
                     if mb.old_logps is None:
@@ -438,6 +461,10 @@ class GRPOTrainer:
                     for k in sums:
                         sums[k] += st.get(k, 0.0) * st["tokens"]
                     stat_tokens += st["tokens"]
+                if self.probe and it == 0:
+                    full = self._grad_sample()
+                    own_part = full if probe_own is None else probe_own
+                    self.last_probe = {"own": own_part, "ext": full - own_part}
                 if it == 0 and not self._anything_to_learn(batches):
                     break  # every sequence is masked or has zero advantage: a step would move weights on no signal
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
@@ -474,6 +501,25 @@ class GRPOTrainer:
         if cfg.beta != 0.0:
             metrics["kl"] = sums["kl"] / denom
         return metrics
+
+    def _grad_sample(self, max_coords: int = 1 << 20) -> Tensor:
+        """The current gradient on a fixed random subset of coordinates (all of them for small models); inner products
+        on it are proportional to the full ones in expectation, which is all the probe's comparisons need."""
+        if self._probe_idx is None:
+            total = sum(p.numel() for p in self.params)
+            frac = min(1.0, max_coords / total)
+            gen = torch.Generator().manual_seed(0)
+            self._probe_idx = [
+                torch.arange(p.numel()) if frac >= 1.0
+                else torch.randperm(p.numel(), generator=gen)[: max(1, int(p.numel() * frac))].sort().values
+                for p in self.params
+            ]
+        parts = []
+        for p, idx in zip(self.params, self._probe_idx):
+            g = p.grad
+            flat = torch.zeros(len(idx)) if g is None else g.detach().reshape(-1)[idx.to(g.device)].float().cpu()
+            parts.append(flat)
+        return torch.cat(parts)
 
     @staticmethod
     def _anything_to_learn(batches: list[_MicroBatch]) -> bool:

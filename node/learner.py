@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from node.config import NodeConfig
+from node.config import NodeConfig, parse_task_config
 from node.generation import SamplingConfig, eos_token_ids, generate_groups, greedy_answers
 from node.grpo import GRPOConfig, GRPOTrainer, TrainGroup
 from node.policy import Policy
@@ -46,6 +46,7 @@ class ScoredGroup:
     truncated: tuple[bool, ...]
     rewards: tuple[float, ...]
     source: str = "local"  # "local", or the peer ID of the node that generated it
+    advantages: tuple[float, ...] | None = None  # set by node.mix (receiver's baseline); None = group-relative
 
     @property
     def external(self) -> bool:
@@ -57,7 +58,8 @@ class ScoredGroup:
         return max(self.rewards) > min(self.rewards)
 
     def to_train_group(self) -> TrainGroup:
-        return TrainGroup(self.prompt_ids, self.completion_ids, self.rewards, self.truncated, external=self.external)
+        return TrainGroup(self.prompt_ids, self.completion_ids, self.rewards, self.truncated, external=self.external,
+                          advantages=self.advantages)
 
     def to_rollout(self) -> Rollout:
         return Rollout(task=self.ref, completions=self.completions, rewards=self.rewards)
@@ -90,7 +92,9 @@ class Learner:
         self.cfg = cfg
         self.rng = rng
         self.task_weights = parse_task_weights(cfg.tasks)
-        self.train_configs = training_configs(self.task_weights)  # what we sample; peers' refs must match it
+        self.task_configs = parse_task_config(cfg.task_config)  # per-family settings (--task-config)
+        # what we sample; peers' refs must match it
+        self.train_configs = training_configs(self.task_weights, self.task_configs)
         self.reward_policy = RewardPolicy(mode=cfg.reward_mode, format_reward=cfg.format_reward)
         self.sampling = SamplingConfig(
             temperature=cfg.temperature,
@@ -125,9 +129,11 @@ class Learner:
         self._eos_ids = set(eos_token_ids(policy))
 
     # -- own experience -------------------------------------------------------------------------------------------
-    def rollout(self, round_: int) -> list[ScoredGroup]:
-        """Samples this round's questions, generates a group of completions for each and scores them."""
-        refs = sample_refs(self.task_weights, self.cfg.questions_per_round, self.rng)
+    def rollout(self, round_: int, n: int | None = None) -> list[ScoredGroup]:
+        """Samples this round's questions (n, default questions_per_round), generates a group of completions for
+        each and scores them."""
+        n = self.cfg.questions_per_round if n is None else n
+        refs = sample_refs(self.task_weights, n, self.rng, configs=self.task_configs)
         tasks = [build_task(r) for r in refs]
         prompts = [self._prompt(t) for t in tasks]
         seed = self.rng.randrange(2**31)
@@ -221,7 +227,8 @@ class Learner:
 
     def evaluate(self, n: int) -> float:
         """Greedy accuracy on a fixed held-out set that no training sampler can draw."""
-        tasks = [build_task(r) for fam in self.task_weights for r in heldout_refs(fam, max(1, n // len(self.task_weights)))]
+        k = max(1, n // len(self.task_weights))
+        tasks = [build_task(r) for fam in self.task_weights for r in heldout_refs(fam, k, self.task_configs.get(fam))]
         texts = greedy_answers(self.policy, [self._prompt(t) for t in tasks], self.sampling.max_new_tokens)
         strict = RewardPolicy(mode="binary")
         return sum(reward(t, x, strict) >= 1.0 for t, x in zip(tasks, texts)) / max(1, len(tasks))

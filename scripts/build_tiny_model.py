@@ -52,7 +52,7 @@ def byte_chars() -> list[str]:
     return [sym[b] for b in first] + [sym[b] for b in range(256) if b not in first]
 
 
-def build_tokenizer(out: Path, max_len: int) -> int:
+def build_tokenizer(out: Path, max_len: int, chat_template: str = CHAT_TEMPLATE) -> int:
     """Save a character-level fast tokenizer to `out`; returns its size.
 
     Byte-level BPE with no merges: every ASCII character is one token and any other text still round-trips (as
@@ -70,19 +70,19 @@ def build_tokenizer(out: Path, max_len: int) -> int:
     core.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                                   padding_side="left", model_max_length=max_len)
-    tok.chat_template = CHAT_TEMPLATE
+    tok.chat_template = chat_template
     tok.save_pretrained(out)
-    compat_tokenizer_config(out)
+    compat_tokenizer_config(out, chat_template)
     return len(tok)
 
 
-def compat_tokenizer_config(out: Path) -> None:
+def compat_tokenizer_config(out: Path, chat_template: str = CHAT_TEMPLATE) -> None:
     """Make the files loadable by transformers 4.x too: it knows PreTrainedTokenizerFast (5.x aliases it) and reads
     the chat template from tokenizer_config.json."""
     path = out / "tokenizer_config.json"
     cfg = json.loads(path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    cfg["chat_template"] = CHAT_TEMPLATE
+    cfg["chat_template"] = chat_template
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
