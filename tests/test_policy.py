@@ -25,7 +25,9 @@ def test_aliases_resolve():
     assert resolve_name("llama-1b") == "meta-llama/Llama-3.2-1B-Instruct"
     assert resolve_name("smollm2-360m") == "HuggingFaceTB/SmolLM2-360M-Instruct"
     assert resolve_name("some/other-model") == "some/other-model"  # unknown names pass through
-    assert all(v == str(TINY_DIR) or v.count("/") == 1 for v in ALIASES.values())
+    assert resolve_name("tiny-sparse") == str(TINY_DIR.parent / "tiny-sparse")  # the sparse regime's model
+    embedded = {str(TINY_DIR), str(TINY_DIR.parent / "tiny-sparse")}
+    assert all(v in embedded or v.count("/") == 1 for v in ALIASES.values())
 
 
 def test_pick_device():
