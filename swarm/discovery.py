@@ -196,6 +196,8 @@ class Discovery:
         self.dials_throttled = 0  # dials skipped for the global, per-address or per-relay limits
         self.bootstrap_connected = 0  # bootstrap peers connected at least once
         single_attempt_dials(host)
+        quiet_libp2p_dial_errors()
+        self._last_error: dict[str, str] = {}  # peer -> why its last dial failed (for the one bootstrap warning)
         if own_addrs is None:
             own_addrs = [str(a) for a in host.get_addrs()]
         self.policy = AddressPolicy(own_addrs)
@@ -250,8 +252,12 @@ class Discovery:
                 return True
             except trio.TooSlowError:
                 self.dial_timeouts += 1
+                self._last_error[peer] = f"no answer within {self.dial_timeout_s:.0f} s"
                 log.debug("dial %s at %s timed out after %.1f s", peer, addr, self.dial_timeout_s)
             except Exception as e:
+                self._last_error[peer] = _reason(e)
+                if len(self._last_error) > 4 * self.max_peers:
+                    self._last_error.pop(next(iter(self._last_error)))
                 log.debug("dial %s at %s failed: %s", peer, addr, e)
         if tried:
             self.dials_failed += 1
@@ -319,8 +325,17 @@ class Discovery:
         for ev in first_round:
             await ev.wait()
         if not answered[0]:
-            log.warning("no bootstrap peer answered (%s); running alone and retrying in the background",
-                        ", ".join(self.bootstrap))
+            # said once, in our words (py-libp2p's own "Failed to open TCP stream" per attempt is filtered out)
+            why = []
+            for addr in self.bootstrap:
+                try:
+                    peer = split_p2p_addr(addr)[1]
+                except Exception:
+                    peer = None
+                why.append(f"{addr}: {self._last_error.get(peer or '', 'not dialable')}")
+            log.warning("no bootstrap peer answered (%s); running alone and retrying each one after %.1f s, doubling "
+                        "up to every %.0f s (+-20 %%), for as long as the node runs", "; ".join(why),
+                        self.backoff_initial_s, self.backoff_max_s)
 
     async def _keep_bootstrap(self, addr: str, first_done: trio.Event, answered: list[bool]) -> None:
         """Stay connected to one bootstrap peer: retry with capped exponential backoff (and jitter), forever."""
@@ -434,3 +449,36 @@ def single_attempt_dials(host: IHost) -> None:
     rc = getattr(network, "retry_config", None)
     if rc is not None and getattr(rc, "max_retries", 0) != 0:
         network.retry_config = dataclasses.replace(rc, max_retries=0)
+
+
+def _reason(exc: BaseException) -> str:
+    """A short why for a failed dial: the innermost OS error's text ("Connection refused"), else the innermost
+    message (py-libp2p wraps trio's OSError, which wraps one error per attempt)."""
+    best: str | None = None
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.strerror:
+            best = e.strerror
+        if isinstance(e, BaseExceptionGroup) and e.exceptions:
+            e = e.exceptions[0]
+            continue
+        e = e.__cause__ or e.__context__
+    return best or (str(exc).split(": ")[-1][:120] or type(exc).__name__)
+
+
+class _DropDialFailures(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to open TCP stream")
+
+
+_DIAL_FAILURE_FILTER = _DropDialFailures()
+
+
+def quiet_libp2p_dial_errors() -> None:
+    """py-libp2p 0.8.1 logs ERROR "Failed to open TCP stream" (to stderr, its own handler) for every failed dial, so an
+    unreachable bootstrap repeated it on every retry; Discovery reports failures itself (once, with the schedule)."""
+    lg = logging.getLogger("libp2p.transport.tcp.tcp")
+    if _DIAL_FAILURE_FILTER not in lg.filters:
+        lg.addFilter(_DIAL_FAILURE_FILTER)

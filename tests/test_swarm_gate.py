@@ -274,3 +274,39 @@ def test_address_filter_never_dials_link_local_multicast_broadcast_or_unspecifie
         assert not any(address_class(a) is None for a in kept)
     kept, refused = public.filter(["/ip4/8.8.8.8/tcp/1"] * 3 + [f"/ip4/8.8.8.{i}/tcp/1" for i in range(1, 9)])
     assert len(kept) == MAX_ADDRS_PER_PEER and len(set(kept)) == len(kept)
+
+
+async def test_an_unreachable_bootstrap_is_reported_once_in_the_nodes_words(caplog) -> None:
+    """py-libp2p logged ERROR "Failed to open TCP stream" on every retry; now one warning of ours, with the reason and
+    the retry schedule, however many retries follow."""
+    import logging
+    import socket
+
+    caplog.set_level(logging.WARNING, logger="swarm.discovery")
+    libp2p_records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            libp2p_records.append(record)
+
+    tcp_log = logging.getLogger("libp2p.transport.tcp.tcp")
+    keep = Keep(level=logging.DEBUG)
+    tcp_log.addHandler(keep)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        async with trio.open_nursery() as n:
+            boot = f"/ip4/127.0.0.1/tcp/{port}/p2p/{Identity.generate().peer_id}"
+            b = Mesh(Identity.generate(), MeshConfig(swarm=SWARM, listen=LOOP, bootstrap=(boot,),
+                                                     bootstrap_backoff_max_s=1.0))
+            await n.start(b.run)
+            await wait_until(lambda: b._discovery.dials_failed >= 4, 30)  # the first try and three retries
+            n.cancel_scope.cancel()
+    finally:
+        tcp_log.removeHandler(keep)
+    ours = [r.getMessage() for r in caplog.records if r.name == "swarm.discovery" and r.levelno >= logging.WARNING]
+    assert len(ours) == 1, ours
+    assert "no bootstrap peer answered" in ours[0] and "Connection refused" in ours[0]
+    assert "retrying each one after 0.5 s, doubling up to every 1 s" in ours[0], ours[0]
+    assert not [r for r in libp2p_records if "Failed to open TCP stream" in r.getMessage()]
