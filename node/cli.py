@@ -162,6 +162,8 @@ def join(print_config: bool, **kwargs: Any) -> None:
 @click.option("--base-port", type=click.IntRange(0, 65000), default=0, help="First TCP port (0 = pick free ports).")
 @click.option("--eval-every", type=click.IntRange(0), default=0, help="Held-out evaluation interval per node.")
 @click.option("--extra", multiple=True, help="Extra flag passed to every node, e.g. --extra=--learning-rate=1e-4.")
+@click.option("--compare-isolated", is_flag=True,
+              help="Run the same nodes isolated first, then together; write compare.json and compare.png.")
 def simulate(**kwargs: Any) -> None:
     """Start a local swarm of real node processes on loopback, show them live, write summary.json and rewards.png."""
     from node.simulate import run_simulation

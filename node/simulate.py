@@ -34,7 +34,7 @@ def free_ports(n: int) -> list[int]:
 
 def node_command(i: int, *, out: Path, swarm: str, model: str, rounds: int, local: int | None, external: int | None,
                  seed: int, p2p_port: int, status_port: int, bootstrap: str | None, eval_every: int,
-                 extra: tuple[str, ...], n_nodes: int) -> list[str]:
+                 extra: tuple[str, ...], n_nodes: int, isolated: bool = False) -> list[str]:
     d = out / f"node-{i}"
     cmd = [
         sys.executable, "-m", "node.cli", "join",
@@ -43,14 +43,16 @@ def node_command(i: int, *, out: Path, swarm: str, model: str, rounds: int, loca
         "--identity", str(d / "identity.key"), "--checkpoint-dir", str(d / "checkpoints"),
         "--metrics", str(d / "metrics.jsonl"), "--log-file", str(d / "node.log"),
         "--threads", "1", "--eval-every", str(eval_every),
-        # start together: a node that began alone would run ahead before the others had loaded
-        "--min-peers", str(n_nodes - 1), "--peer-wait-s", "120",
     ]
+    if isolated:  # the same node with no mesh at all: what it would do alone
+        cmd += ["--offline"]
+    else:  # start together: a node that began alone would run ahead before the others had loaded
+        cmd += ["--min-peers", str(n_nodes - 1), "--peer-wait-s", "120"]
     if local is not None:
         cmd += ["--local", str(local)]
     if external is not None:
         cmd += ["--external", str(external)]
-    if bootstrap:
+    if bootstrap and not isolated:
         cmd += ["--bootstrap", bootstrap]
     return cmd + list(extra)
 
@@ -148,7 +150,13 @@ def table(statuses: dict[int, dict], n: int, rounds: int) -> list[str]:
 
 
 def run_simulation(*, nodes: int, rounds: int, model: str, local_: int | None, external: int | None, out: str,
-                   swarm: str, seed: int, base_port: int, eval_every: int, extra: tuple[str, ...]) -> int:
+                   swarm: str, seed: int, base_port: int, eval_every: int, extra: tuple[str, ...],
+                   compare_isolated: bool = False, isolated: bool = False) -> int:
+    """Starts the nodes, shows them live, writes summary.json and rewards.png; with compare_isolated, runs the same
+    nodes (same seeds and flags) first isolated, then together, and writes compare.json / compare.png."""
+    if compare_isolated:
+        return run_compare(nodes=nodes, rounds=rounds, model=model, local_=local_, external=external, out=out,
+                           swarm=swarm, seed=seed, base_port=base_port, eval_every=eval_every, extra=extra)
     from protocol.identity import load_or_create_identity
 
     models = [m.strip() for m in model.split(",") if m.strip()] or ["tiny"]  # node i runs models[i % len(models)]
@@ -167,8 +175,10 @@ def run_simulation(*, nodes: int, rounds: int, model: str, local_: int | None, e
     seed_addr = f"/ip4/127.0.0.1/tcp/{p2p[0]}/p2p/{idents[0].peer_id}"
     tty = sys.stdout.isatty()
     ij = f"{local_ if local_ is not None else 'default'}/{external if external is not None else 'default'}"
-    print(f"simulate: {nodes} nodes, swarm '{swarm}', {rounds} rounds, I/J = {ij}, out {out_dir}")
-    print(f"seed node: {seed_addr}")
+    print(f"simulate: {nodes} {'isolated ' if isolated else ''}nodes, swarm '{swarm}', {rounds} rounds, I/J = {ij}, "
+          f"out {out_dir}")
+    if not isolated:
+        print(f"seed node: {seed_addr}")
 
     procs: list[subprocess.Popen] = []
     logs = []
@@ -187,12 +197,12 @@ def run_simulation(*, nodes: int, rounds: int, model: str, local_: int | None, e
                                external=external,
                                seed=seed, p2p_port=p2p[i], status_port=status_ports[i],
                                bootstrap=None if i == 0 else seed_addr, eval_every=eval_every, extra=extra,
-                               n_nodes=nodes)
+                               n_nodes=nodes, isolated=isolated)
             log = open(out_dir / f"node-{i}" / "stdout.log", "w")
             logs.append(log)
             # Each node gets its own process group so a Ctrl-C in this terminal reaches only us; we stop them in order.
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
-            if i == 0:  # let the seed listen before the others dial it (they would retry anyway)
+            if i == 0 and not isolated:  # let the seed listen before the others dial it (they would retry anyway)
                 wait_until_listening(procs[0], p2p[0], lambda: stopping)
         drawn, last_print = 0, 0.0
         while not stopping and any(p.poll() is None for p in procs):
@@ -241,3 +251,88 @@ def run_simulation(*, nodes: int, rounds: int, model: str, local_: int | None, e
     if bad:
         print(f"nodes {bad} exited with errors: see {out_dir}/node-N/stdout.log", file=sys.stderr)
     return 1 if bad else 0
+
+
+def compare_stats(out: Path, n: int) -> dict[str, Any]:
+    """Per run: cumulative own reward (sum over nodes and rounds), mean final held-out, per-round node means."""
+    rows = [read_metrics(out / f"node-{i}" / "metrics.jsonl") for i in range(n)]
+    rounds = max((len(r) for r in rows), default=0)
+    finals = [next((x["heldout_acc"] for x in reversed(r) if "heldout_acc" in x), None) for r in rows]
+    finals = [f for f in finals if f is not None]
+    ho_rounds = sorted({x["round"] for r in rows for x in r if "heldout_acc" in x})
+    return {
+        "cumulative_reward": sum(x["reward_mean"] for r in rows for x in r),
+        "final_heldout": sum(finals) / len(finals) if finals else None,
+        "completions_generated": sum(x.get("generated", 0) for r in rows for x in r),
+        "rounds_done": [len(r) for r in rows],
+        "reward_per_round": [sum(r[t]["reward_mean"] for r in rows if len(r) > t) / max(1, sum(len(r) > t for r in rows))
+                             for t in range(rounds)],
+        "heldout_curve": [[t + 1, sum(x["heldout_acc"] for r in rows for x in r if x["round"] == t and "heldout_acc" in x)
+                           / max(1, sum(1 for r in rows for x in r if x["round"] == t and "heldout_acc" in x))]
+                          for t in ho_rounds],
+    }
+
+
+def run_compare(*, nodes: int, rounds: int, model: str, local_: int | None, external: int | None, out: str, swarm: str,
+                seed: int, base_port: int, eval_every: int, extra: tuple[str, ...]) -> int:
+    """The same nodes isolated, then together; the ratios say whether joining paid (swarm over isolated)."""
+    out_dir = Path(out)
+    eval_every = eval_every or max(1, rounds // 5)  # the held-out ratio needs evaluations
+    common = dict(nodes=nodes, rounds=rounds, model=model, local_=local_, external=external, seed=seed,
+                  base_port=base_port, eval_every=eval_every, extra=extra)
+    rc_iso = run_simulation(out=str(out_dir / "isolated"), swarm=swarm, isolated=True, **common)
+    rc_sw = run_simulation(out=str(out_dir / "swarm"), swarm=swarm, **common)
+    iso, sw = compare_stats(out_dir / "isolated", nodes), compare_stats(out_dir / "swarm", nodes)
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    doc = {"nodes": nodes, "rounds": rounds, "model": model, "local": local_, "external": external, "seed": seed,
+           "extra": list(extra), "eval_every": eval_every,
+           "reward_ratio": ratio(sw["cumulative_reward"], iso["cumulative_reward"]),
+           "heldout_ratio": ratio(sw["final_heldout"], iso["final_heldout"]),
+           "compute_ratio": ratio(sw["completions_generated"], iso["completions_generated"]),
+           "isolated": iso, "swarm": sw, "exit_codes": {"isolated": rc_iso, "swarm": rc_sw}}
+    (out_dir / "compare.json").write_text(json.dumps(doc, indent=2))
+    plot_compare(doc, out_dir / "compare.png")
+
+    def show(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.2f}x"
+
+    print(f"swarm vs the same {nodes} nodes isolated, {rounds} rounds: cumulative reward {show(doc['reward_ratio'])}, "
+          f"final held-out {show(doc['heldout_ratio'])}, completions generated {show(doc['compute_ratio'])}")
+    print(f"wrote {out_dir / 'compare.json'} and {out_dir / 'compare.png'}")
+    return rc_iso or rc_sw
+
+
+def plot_compare(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, color in (("isolated", "tab:grey"), ("swarm", "tab:blue")):
+        st = doc[name]
+        ys = st["reward_per_round"]
+        k = 5
+        smooth = [sum(ys[max(0, j - k + 1): j + 1]) / len(ys[max(0, j - k + 1): j + 1]) for j in range(len(ys))]
+        ax1.plot(range(1, len(ys) + 1), smooth, color=color, label=name)
+        ax1.plot(range(1, len(ys) + 1), ys, color=color, alpha=0.2, lw=0.8)
+        cv = st["heldout_curve"]
+        ax2.plot([t for t, _ in cv], [a for _, a in cv], marker="o", ms=3, color=color, label=name)
+
+    def show(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.2f}x"
+
+    ax1.set(xlabel="round", ylabel="mean reward of own rollouts (nodes; 5-round avg)",
+            title=f"cumulative reward: swarm {show(doc['reward_ratio'])} of isolated")
+    ax2.set(xlabel="rounds trained", ylabel="held-out greedy accuracy (mean over nodes)",
+            title=f"final held-out: swarm {show(doc['heldout_ratio'])} of isolated")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{doc['nodes']} nodes ({doc['model']}), the same seeds and flags, isolated vs together")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
