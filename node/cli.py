@@ -37,6 +37,8 @@ HELP = {
     "external_positive_only": "Train only on peers' completions with a positive advantage.",
     "external_select": "Which useful peers' groups fill J: uniform, or lacking (families where this node's own "
                        "groups had no signal).",
+    "ablation_self_feedback": "Experiment: train on this node's own groups from this many rounds ago in place of "
+                              "peers' (0 = off).",
     "adaptive_j": "Move J by an online estimate of whether peers' groups help more than own questions; generate "
                   "I + J minus the peers' groups taken (alone: I + J).",
     "temperature": "Sampling temperature (also used for training log-probs).",

@@ -100,6 +100,7 @@ class NodeConfig:
     external_positive_only: bool = False  # train only peers' completions with a positive advantage
     external_select: str = "uniform"  # "uniform" | "lacking" (families where our own groups had no signal)
     adaptive_j: bool = False  # move J by whether peers' groups help; generate I + J - (groups taken)
+    ablation_self_feedback: int = 0  # experiment: peers' groups replaced by our own from this many rounds ago (0: off)
     # generation
     temperature: float = 1.0
     top_p: float = 1.0
@@ -172,6 +173,7 @@ class NodeConfig:
             (self.share in ("all", "nonzero", "none"), "--share must be all, nonzero or none"),
             (self.external_baseline in ("sender", "receiver"), "--external-baseline must be sender or receiver"),
             (self.external_select in ("uniform", "lacking"), "--external-select must be uniform or lacking"),
+            (self.ablation_self_feedback >= 0, "--ablation-self-feedback must be >= 0 (0 = off)"),
             (self.max_external_per_peer >= 1, "--max-external-per-peer must be >= 1"),
             (self.newcomer_probation_s >= 0, "--newcomer-probation-s must be >= 0"),
             (self.eval_every >= 0 and self.eval_size >= 1, "--eval-every must be >= 0 and --eval-size >= 1"),

@@ -17,6 +17,9 @@ rescored by node.learner first). Settings (NodeConfig; the defaults reproduce pl
 - adaptive_j: the number of peers' groups taken, J_eff <= J, moves each round by an online estimate of whether a
   peer's group helps more than an own question would (below), and the node generates I + J - (groups taken) questions
   itself. Alone it generates I + J: exactly what it would do without peers.
+- ablation_self_feedback K > 0 (an experiment, docs/sapo_experiment.md): the peers' groups are replaced by this node's
+  OWN groups from K rounds earlier, marked external as if a peer had sent them. Separates "a peer's group is
+  stale/off-policy" from "a peer's group comes from another node".
 
 The estimate (a first-order test, no extra forward passes): the trainer records the gradient of the own part and of
 the peers' part of each step. A part helped if it points where the next round's own on-policy gradient points: per
@@ -75,12 +78,16 @@ class Mixer:
         self.value_ema: float | None = None  # EMA of u_ext - u_own (scaled), see module doc
         self._prev: dict[str, object] | None = None  # last step's probe
         self._last_value: float | None = None
+        self._own_past: list[list[ScoredGroup]] = []  # ablation_self_feedback: our own groups of recent rounds
 
     # -- before generating ----------------------------------------------------------------------------------------
     def pick_external(self, external: Sequence[ScoredGroup]) -> list[ScoredGroup]:
         """The peers' groups to train on this round (at most J_eff), with the advantages they will be trained with."""
         cfg = self.cfg
         n = min(cfg.external, int(round(self.j_eff)))
+        if cfg.ablation_self_feedback > 0:
+            past = self._own_past[0] if len(self._own_past) >= cfg.ablation_self_feedback else []
+            external = [replace(g, source="self-stale") for g in past]
         if n <= 0:
             return []
         useful = [self._with_advantages(g) for g in external]
@@ -107,6 +114,8 @@ class Mixer:
     def observe(self, local: Sequence[ScoredGroup], n_external: int, probe: dict | None) -> dict[str, float]:
         """Updates the family statistics and, with adaptive J, the value estimate and J_eff; returns metrics."""
         self.stats.update(local)
+        if self.cfg.ablation_self_feedback > 0:
+            self._own_past = (self._own_past + [list(local)])[-self.cfg.ablation_self_feedback:]
         out: dict[str, float] = {"j_eff": self.j_eff}
         if not self.cfg.adaptive_j or probe is None:
             return out

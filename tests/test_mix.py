@@ -120,3 +120,17 @@ def test_a_lone_node_with_adaptive_j_trains_exactly_as_a_lone_node_with_I_plus_J
     a = dict(alone.policy.model.named_parameters())
     for name, p in adaptive.policy.model.named_parameters():
         assert torch.equal(p, a[name]), name
+
+
+def test_self_feedback_ablation_offers_our_own_groups_from_k_rounds_ago_as_external():
+    m = mixer(ablation_self_feedback=2, local=4, external=4)
+    rounds = [[group([1, 0, 0, 0], index=10 * r + i) for i in range(4)] for r in range(3)]
+    peers = [group([1, 0, 0, 0], source="peer", index=99)]
+    assert m.pick_external(peers) == []  # nothing old enough yet; peers' groups are never used
+    m.observe(rounds[0], 0, None)
+    assert m.pick_external(peers) == []
+    m.observe(rounds[1], 0, None)
+    got = m.pick_external(peers)
+    assert sorted(g.ref.index for g in got) == [0, 1, 2, 3] and all(g.source == "self-stale" and g.external for g in got)
+    m.observe(rounds[2], 4, None)
+    assert sorted(g.ref.index for g in m.pick_external(peers)) == [10, 11, 12, 13]
