@@ -227,7 +227,7 @@ def aggregate(args: argparse.Namespace, configs: list[Config], seeds: list[int],
                 run = {**run, "nodes": [run["nodes"][i] for i in subset]}
             raw.setdefault(cname(c), {})[s] = run
             per.setdefault(cname(c), {})[s] = run_stats(run, args.rounds)
-    base = per.get(BASELINE, {})
+    base = per.get(args.baseline, {})
     summary: dict[str, Any] = {}
     # the target: the 8/0 config's final held-out accuracy (mean over nodes, then over seeds)
     target = _mean([st["final_heldout"] for st in base.values()])
@@ -261,11 +261,12 @@ def aggregate(args: argparse.Namespace, configs: list[Config], seeds: list[int],
             "wall_s": [st["wall_s"] for st in runs.values()],
             "exit_codes": [st["rc"] for st in runs.values()],
         }
-    b = summary.get(BASELINE)
+    b = summary.get(args.baseline)
     for name, s in summary.items():
         if b:
-            s["cumulative_reward_vs_8_0"] = s["cumulative_reward"] / b["cumulative_reward"] if b["cumulative_reward"] else None
-            s["final_heldout_vs_8_0"] = (s["final_heldout"] / b["final_heldout"]
+            s["cumulative_reward_vs_baseline"] = (s["cumulative_reward"] / b["cumulative_reward"]
+                                                  if b["cumulative_reward"] else None)
+            s["final_heldout_vs_baseline"] = (s["final_heldout"] / b["final_heldout"]
                                          if s["final_heldout"] is not None and b["final_heldout"] else None)
             s["rounds_to_target_vs_rounds"] = s["rounds_to_target"] / args.rounds if s["rounds_to_target"] else None
     return {"target_heldout": target, "configs": summary, "per_run": per, "raw": raw}
@@ -303,9 +304,11 @@ def write_report(args: argparse.Namespace, res: dict[str, Any], command: str, ma
         "Reward = each node's metrics `reward_mean`: the mean reward of its own sampled rollouts (questions × 8 "
         "completions a round), not the training batch (`train_reward_mean`, own groups with signal + peers' groups).",
         "",
-        "| local / external (node flags) | cumulative reward | vs 8/0 | final held-out acc | vs 8/0 | "
-        f"rounds to reach 8/0's final held-out ({res['target_heldout']:.3f}) | / {args.rounds} rounds |"
-        if res["target_heldout"] is not None else "| config | cumulative reward | vs 8/0 | final held-out | vs 8/0 | rounds to target | / rounds |",
+        f"| local / external (node flags) | cumulative reward | vs {args.baseline} | final held-out acc | "
+        f"vs {args.baseline} | rounds to reach {args.baseline}'s final held-out ({res['target_heldout']:.3f}) "
+        f"| / {args.rounds} rounds |"
+        if res["target_heldout"] is not None else "| config | cumulative reward | vs baseline | final held-out | "
+        "vs baseline | rounds to target | / rounds |",
         "|---|---|---|---|---|---|---|",
     ]
 
@@ -316,8 +319,8 @@ def write_report(args: argparse.Namespace, res: dict[str, Any], command: str, ma
         hsd = f" ± {s['final_heldout_sd']:.3f}" if s["final_heldout_sd"] is not None else ""
         reach = s["rounds_to_target"]
         lines.append(
-            f"| {name} ({ij['questions_per_round']}q, {ij['local']}/{ij['external']}) | {s['cumulative_reward']:.1f}{sd} | {f(s.get('cumulative_reward_vs_8_0'), '{:.2f}x')} "
-            f"| {f(s['final_heldout'])}{hsd} | {f(s.get('final_heldout_vs_8_0'), '{:.2f}x')} "
+            f"| {name} ({ij['questions_per_round']}q, {ij['local']}/{ij['external']}) | {s['cumulative_reward']:.1f}{sd} | {f(s.get('cumulative_reward_vs_baseline'), '{:.2f}x')} "
+            f"| {f(s['final_heldout'])}{hsd} | {f(s.get('final_heldout_vs_baseline'), '{:.2f}x')} "
             f"| {reach if reach is not None else f'not reached in {args.rounds}'} "
             f"| {f(s.get('rounds_to_target_vs_rounds'), '{:.2f}')} |"
         )
@@ -325,8 +328,8 @@ def write_report(args: argparse.Namespace, res: dict[str, Any], command: str, ma
         "",
         "Cumulative reward = sum over nodes and rounds of each node's mean reward on its own sampled rollouts "
         "(mean ± sd over seeds). Final held-out = mean over nodes of the last evaluation (mean ± sd over seeds). "
-        "Rounds to reach = first evaluation at which the seed-mean, node-mean held-out curve is at or above the 8/0 "
-        "config's final held-out accuracy.",
+        "Rounds to reach = first evaluation at which the seed-mean, node-mean held-out curve is at or above the "
+        f"{args.baseline} config's final held-out accuracy.",
         "",
         "Paper's goal (8 × Qwen2.5-0.5B, 2000 rounds): 4/4 has 1.94x the cumulative reward of 8/0 "
         "(1093.31 vs 561.79); here also: 4/4 reaching 8/0's final held-out accuracy in at most half the rounds.",
@@ -368,7 +371,7 @@ def plot(args: argparse.Namespace, res: dict[str, Any], path: Path) -> None:
         cv = s["heldout_curve"]
         ax2.plot([t for t, _ in cv], [a for _, a in cv], marker="o", ms=3, label=name, color=line.get_color())
     if res["target_heldout"] is not None:
-        ax2.axhline(res["target_heldout"], color="grey", ls="--", lw=0.8, label="8/0 final")
+        ax2.axhline(res["target_heldout"], color="grey", ls="--", lw=0.8, label=f"{args.baseline} final")
     ax1.set(xlabel="round", ylabel="mean reward of own rollouts (nodes × seeds; 5-round avg)",
             title=f"training reward, {args.nodes} nodes")
     ax2.set(xlabel="rounds trained", ylabel="held-out greedy accuracy (mean over nodes × seeds)",
@@ -406,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=4)
     p.add_argument("--rounds", type=int, default=25)
     p.add_argument("--configs", default="8/0,6/2,4/4,2/6")
+    p.add_argument("--baseline", default=BASELINE, help="the config the ratios are taken against (e.g. 4/4@iso)")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds; each runs every config")
     p.add_argument("--first-seed", type=int, default=0, help="seeds are first-seed .. first-seed + seeds - 1")
     p.add_argument("--variant", action="append", default=[], metavar="LABEL=FLAGS",
@@ -420,8 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="rebuild the report from runs already in --out")
     args = p.parse_args(argv)
     configs = parse_configs(args.configs)
-    if BASELINE not in [cname(c) for c in configs]:
-        print(f"note: no {BASELINE} config, so no ratios", file=sys.stderr)
+    if args.baseline not in [cname(c) for c in configs]:
+        print(f"note: no {args.baseline} config, so no ratios", file=sys.stderr)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     variants = parse_variants(args.variant)
     out = Path(args.out)
@@ -462,12 +466,13 @@ def main(argv: list[str] | None = None) -> int:
             subset = [i for i, x in enumerate(models) if x == m]
             sub = aggregate(args, configs, seeds, subset)
             by_model[m] = {"nodes": subset, "target_heldout": sub["target_heldout"], "configs": sub["configs"]}
-            extra += [f"Nodes {subset} (`{m}`), against the same nodes in {BASELINE}:", "",
-                      "| config | cumulative reward | vs 8/0 | final held-out acc | vs 8/0 | rounds to reach 8/0's final |",
+            extra += [f"Nodes {subset} (`{m}`), against the same nodes in {args.baseline}:", "",
+                      "| config | cumulative reward | vs baseline | final held-out acc | vs baseline "
+                      "| rounds to reach the baseline's final |",
                       "|---|---|---|---|---|---|"]
             for name, st in sub["configs"].items():
-                extra.append(f"| {name} | {st['cumulative_reward']:.1f} | {f(st.get('cumulative_reward_vs_8_0'), '{:.2f}x')} | "
-                             f"{f(st['final_heldout'])} | {f(st.get('final_heldout_vs_8_0'), '{:.2f}x')} | "
+                extra.append(f"| {name} | {st['cumulative_reward']:.1f} | {f(st.get('cumulative_reward_vs_baseline'), '{:.2f}x')} | "
+                             f"{f(st['final_heldout'])} | {f(st.get('final_heldout_vs_baseline'), '{:.2f}x')} | "
                              f"{st['rounds_to_target'] if st['rounds_to_target'] is not None else 'not reached'} |")
             curves = ", ".join(f"{name}: " + " ".join(f(a) for _, a in st["heldout_curve"])
                                for name, st in sub["configs"].items())
@@ -476,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(out / "results.md", "a") as fh:
             fh.write("\n".join(extra) + "\n")
     doc = {"command": command, "machine": machine, "regime": args.regime, "protocol": args.protocol,
+           "baseline": args.baseline,
            "variants": variants, "loads": [{k: r.get(k) for k in ("config", "seed", "load_before", "load_after", "wall_s")}
                                            for r in res["run_meta"]],
            "nodes": args.nodes, "rounds": args.rounds, "scale": args.scale,
