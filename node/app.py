@@ -96,16 +96,20 @@ def run_join(cfg: NodeConfig) -> int:
                 "or choose another --checkpoint-dir"
             )
 
+        def on_listening(n: NodeRuntime) -> None:
+            # before any --min-peers wait: a peer that needs our address to join must be able to read it
+            for addr in n.mesh.listen_addrs():
+                view.message(f"listening {addr}")
+            if not cfg.bootstrap:
+                view.message("no --bootstrap given: waiting for peers to dial in, training alone meanwhile")
+            if cfg.min_peers > 0:
+                view.message(f"waiting up to {cfg.peer_wait_s:.0f}s for {cfg.min_peers} peer(s) before the first round")
+
         def on_ready(n: NodeRuntime) -> None:
-            if n.mesh is not None:
-                for addr in n.mesh.listen_addrs():
-                    view.message(f"listening {addr}")
-                if not cfg.bootstrap:
-                    view.message("no --bootstrap given: waiting for peers to dial in, training alone meanwhile")
             if cfg.status_port:
                 view.message(f"status on http://127.0.0.1:{cfg.status_port}/status")
 
-        trio.run(lambda: node.run(on_ready=on_ready))
+        trio.run(lambda: node.run(on_ready=on_ready, on_listening=on_listening))
         view.message(f"stopped after round {node.round}; checkpoint: {node.checkpoint_dir} (round {node.last_saved})")
         return 0
     except KeyboardInterrupt:

@@ -233,7 +233,10 @@ class NodeRuntime:
         }
 
     # -- the run --------------------------------------------------------------------------------------------------
-    async def run(self, *, on_ready: Callable[["NodeRuntime"], None] | None = None) -> None:
+    async def run(self, *, on_ready: Callable[["NodeRuntime"], None] | None = None,
+                  on_listening: Callable[["NodeRuntime"], None] | None = None) -> None:
+        """Run until the rounds are done or a signal stops it. `on_listening`: the mesh listens (called before the
+        --min-peers wait, so a peer waiting for our address can read it); `on_ready`: the first round is next."""
         # checkpoints are written in the background, after the round's metrics line: sweep a crashed write's
         # leftovers now, while nothing is being written
         await trio.to_thread.run_sync(sweep_leftovers, self.checkpoint_dir)
@@ -254,6 +257,8 @@ class NodeRuntime:
                 )
                 await nursery.start(self.mesh.run)
                 self.mesh.set_status(self.round, self.cfg.model)
+                if on_listening is not None:
+                    on_listening(self)
                 nursery.start_soon(self._feed_pool)
                 nursery.start_soon(self._publish)
                 await self._wait_for_peers()
