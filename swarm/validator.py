@@ -6,11 +6,12 @@ rollouts while the node lags).
 
 Cheap checks first: a message whose envelope header (`peek_header`: created_at, sender, seq, swarm, version, read
 without decoding the payload or checking the signature) already shows it stale, replayed, over its sender's budget or
-over the node's total is rejected before the ~1 ms-per-MB decode and signature check. Such a rejection is
-unauthenticated (`Rejected.verified` is False); the precheck only runs when the header names the libp2p publisher as
-sender and our swarm and version, so it never turns what would be a hard rejection into a soft one, and it reads the
-validator's state without changing it, so a forged header cannot spend anybody's budget. `MessageValidator.check` raises only
-`Rejected`, whatever the input; the libp2p topic validator in `swarm.mesh` relies on that (a validator that raises
+over the node's total is rejected in ~0.05 ms instead of after the ~2.7 ms decode and signature check of a 1 MB
+envelope. Such a rejection is unauthenticated (`Rejected.verified` is False); the precheck only runs when the header
+names the libp2p publisher as sender and our swarm and version, so it never turns what would be a hard rejection into
+a soft one, and it reads the validator's state without changing it, so a forged header cannot spend anybody's budget.
+
+`MessageValidator.check` raises only `Rejected`, whatever the input; the libp2p topic validator in `swarm.mesh` relies on that (a validator that raises
 anything else can take a py-libp2p host down).
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Issue 12, items 6-8, through real py-libp2p hosts on loopback: relayed soft rejections cost the relay, inbound budgets
-sized to what a node absorbs, and discovery that cannot be aimed at an address."""
+"""Issue 12, items 6-8, through real py-libp2p hosts on loopback: relayed soft rejections cost the relay, inbound
+budgets sized to what a node absorbs, and discovery that cannot be aimed at an address."""
 from __future__ import annotations
 
 import functools

@@ -259,7 +259,7 @@ def test_a_new_sender_starts_with_one_second_of_budget_not_the_burst() -> None:
     assert PeerStanding().on_rejection("newcomer", s.peer_id, "12D3KooWRelay") == []  # soft: no strike on a relay
 
 
-# ---------------------------------------------------------------- issue 12: cheap checks first, relays pay, total budget
+# ---------------------------------------------------------- issue 12: cheap checks first, relays pay, total budget
 
 def test_header_is_read_without_decoding_the_payload(ident: Identity) -> None:
     from swarm.validator import peek_header
@@ -298,7 +298,8 @@ def test_stale_and_replayed_messages_are_rejected_before_the_signature_check(ide
     # a header naming somebody else, another swarm or version goes the full way (hard reasons stay hard)
     other = Identity.generate()
     assert reason(v, sealed(ident, 4, created_at=NOW - 3600), other.peer_id) == "sender"
-    assert reason(v, seal(make_batch(ident, "elsewhere", seq=5, created_at=NOW - 3600), ident), ident.peer_id) == "swarm"
+    elsewhere = seal(make_batch(ident, "elsewhere", seq=5, created_at=NOW - 3600), ident)
+    assert reason(v, elsewhere, ident.peer_id) == "swarm"
 
 
 def test_a_forged_header_cannot_spend_a_senders_budget(ident: Identity) -> None:
