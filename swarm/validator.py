@@ -11,8 +11,8 @@ envelope. Such a rejection is unauthenticated (`Rejected.verified` is False); th
 names the libp2p publisher as sender and our swarm and version, so it never turns what would be a hard rejection into
 a soft one, and it reads the validator's state without changing it, so a forged header cannot spend anybody's budget.
 
-`MessageValidator.check` raises only `Rejected`, whatever the input; the libp2p topic validator in `swarm.mesh` relies on that (a validator that raises
-anything else can take a py-libp2p host down).
+`MessageValidator.check` raises only `Rejected`, whatever the input; the libp2p topic validator in `swarm.mesh` relies
+on that (a validator that raises anything else can take a py-libp2p host down).
 """
 from __future__ import annotations
 
