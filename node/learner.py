@@ -7,6 +7,7 @@ with the local verifier before they can be trained on: a peer's answer or reward
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import random
 from collections import Counter
@@ -18,6 +19,7 @@ import torch
 from node.config import NodeConfig, parse_task_config
 from node.generation import SamplingConfig, eos_token_ids, generate_groups, greedy_answers
 from node.grpo import GRPOConfig, GRPOTrainer, TrainGroup
+from node.oom import halving_on_oom
 from node.policy import Policy
 from protocol.messages import Rollout, TaskRef
 from verifiers.prompts import build_prompt
@@ -137,7 +139,9 @@ class Learner:
         tasks = [build_task(r) for r in refs]
         prompts = [self._prompt(t) for t in tasks]
         seed = self.rng.randrange(2**31)
-        groups = generate_groups(self.policy, prompts, self.cfg.group_size, self.sampling, seed=seed)
+        groups = halving_on_oom(
+            lambda: generate_groups(self.policy, prompts, self.cfg.group_size, self.sampling, seed=seed),
+            lambda: self.sampling.micro_batch, self._set_gen_micro_batch, "generation")
         out = []
         for task, prompt, comps in zip(tasks, prompts, groups):
             out.append(
@@ -223,7 +227,21 @@ class Learner:
     def train(self, groups: Sequence[ScoredGroup]) -> dict[str, float]:
         if not groups:
             return {"skipped": 1.0, "n_local": 0.0, "n_external": 0.0}
-        return self.trainer.train_step([g.to_train_group() for g in groups])
+        batch = [g.to_train_group() for g in groups]
+        steps_before = _optimizer_steps(self.trainer.optimizer)
+        return halving_on_oom(
+            lambda: self.trainer.train_step(batch), lambda: self.trainer.config.micro_batch_size,
+            self._set_train_micro_batch, "training",
+            # a step already applied cannot be taken back: retry only while the optimizer is untouched
+            safe_to_retry=lambda: _optimizer_steps(self.trainer.optimizer) == steps_before)
+
+    def _set_gen_micro_batch(self, n: int) -> None:
+        self.sampling = dataclasses.replace(self.sampling, micro_batch=n)
+
+    def _set_train_micro_batch(self, n: int) -> None:
+        self.trainer.optimizer.zero_grad(set_to_none=True)  # the failed step's partial gradients
+        self.trainer.config = dataclasses.replace(self.trainer.config, micro_batch_size=n)
+        self.grpo = self.trainer.config
 
     def evaluate(self, n: int) -> float:
         """Greedy accuracy on a fixed held-out set that no training sampler can draw."""
@@ -245,6 +263,10 @@ class Learner:
                 self._prompt_cache.clear()
             self._prompt_cache[prompt] = ids
         return ids
+
+
+def _optimizer_steps(optimizer: torch.optim.Optimizer) -> float:
+    return sum(float(st.get("step", 0)) for st in optimizer.state.values())
 
 
 def set_torch_threads(n: int) -> None:
