@@ -22,7 +22,8 @@ HELP = {
     "tasks": "Task families and weights, e.g. 'arith' or 'basic_arithmetic:2,base_conversion:1' [default: arith; "
              "tiny-sparse: its four families].",
     "task_config": "Per-family task settings as JSON, e.g. '{\"arith\": {\"digits\": 3}}' (peers' refs must match).",
-    "seed": "Seed for task sampling, generation and training.",
+    "seed": "Seed for task sampling, generation and training [default: derived from the node's peer ID, so nodes "
+            "differ; pass one to reproduce a run].",
     "threads": "Torch CPU threads (0 = all cores).",
     "local": "I: own rollout groups trained on per round.",
     "external": "J: peers' rollout groups trained on per round (own groups fill in when peers have too few).",
@@ -35,6 +36,8 @@ HELP = {
     "external_baseline": "Advantages of peers' completions: within the peer's group (sender) or against this node's "
                          "own mean reward on the task family (receiver).",
     "external_positive_only": "Train only on peers' completions with a positive advantage.",
+    "external_prefilter": "Draw peers' groups whose claimed rewards show signal as candidates (each is rescored); "
+                          "off: draw from the whole pool.",
     "external_select": "Which useful peers' groups fill J: uniform, or lacking (families where this node's own "
                        "groups had no signal).",
     "ablation_self_feedback": "Experiment: train on this node's own groups from this many rounds ago in place of "
@@ -88,9 +91,9 @@ HELP = {
     "ping_timeout_s": "Seconds a peer has to answer a liveness ping.",
 }
 FLAGS = {"resume", "offline", "mdns"}  # presence flags
-OPTIONAL_TYPES = {"tasks": str, "task_config": str, "local": int, "external": int, "questions_per_round": int, "max_external_per_peer": int,
+OPTIONAL_TYPES = {"seed": int, "tasks": str, "task_config": str, "local": int, "external": int, "questions_per_round": int, "max_external_per_peer": int,
              "max_new_tokens": int, "learning_rate": float, "delta": float}
-TOGGLES = {"mask_truncated_completions", "offpolicy_mask", "external_positive_only", "adaptive_j"}  # --x/--no-x
+TOGGLES = {"mask_truncated_completions", "offpolicy_mask", "external_positive_only", "adaptive_j", "external_prefilter"}  # --x/--no-x
 
 
 def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -143,7 +146,7 @@ def join(print_config: bool, **kwargs: Any) -> None:
     if print_config:
         import json
 
-        click.echo(json.dumps(cfg.to_json(), indent=2))
+        click.echo(json.dumps(_with_identity_seed(cfg).to_json(), indent=2))
         return
     from node.app import run_join
 
@@ -210,6 +213,20 @@ def identity(path: str | None, create: bool) -> None:
     click.echo(f"{'created' if created else 'identity'} {p}")
     click.echo(f"peer id     {ident.peer_id}")
     click.echo(f"public key  {ident.public_key.hex()}")
+
+
+def _with_identity_seed(cfg: NodeConfig) -> NodeConfig:
+    """--print-config shows the seed the node would run with: derived from its identity file when that exists (a
+    node without one gets a new identity, and so its seed, at its first start: the seed stays null here)."""
+    from protocol.identity import IdentityError, load_identity
+
+    path = Path(cfg.identity) if cfg.identity else data_dir() / "identity.key"
+    if cfg.seed is not None or not path.exists():
+        return cfg
+    try:
+        return cfg.with_seed_for(load_identity(path).peer_id)
+    except IdentityError as e:
+        raise click.ClickException(str(e)) from None
 
 
 def _build_config(kwargs: dict[str, Any]) -> NodeConfig:

@@ -6,6 +6,7 @@ config-file reader, so scripts and tests can build a NodeConfig without click.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tomllib
@@ -83,7 +84,7 @@ class NodeConfig:
     dtype: str = "auto"
     tasks: str | None = None  # "family[:weight],..." (verifiers.parse_task_weights); None = the model's (arith)
     task_config: str | None = None  # JSON: per-family config overrides; None = the model's ("" = none)
-    seed: int = 0
+    seed: int | None = None  # None = derived from the node's peer ID (seed_for_peer), resolved at startup
     threads: int = 0  # torch intra-op threads; 0 = torch's default (all cores)
     # the SAPO mix
     # None = the model's default (MODEL_DEFAULTS)
@@ -99,6 +100,7 @@ class NodeConfig:
     external_baseline: str = "sender"  # "sender" (GRPO within the peer's group) | "receiver" (our own family mean)
     external_positive_only: bool = False  # train only peers' completions with a positive advantage
     external_select: str = "uniform"  # "uniform" | "lacking" (families where our own groups had no signal)
+    external_prefilter: bool = True  # J candidates: pooled groups whose claimed rewards show signal (then rescored)
     adaptive_j: bool = False  # move J by whether peers' groups help; generate I + J - (groups taken)
     ablation_self_feedback: int = 0  # experiment: peers' groups replaced by our own from this many rounds ago (0: off)
     # generation
@@ -198,6 +200,10 @@ class NodeConfig:
     def replace(self, **changes: Any) -> "NodeConfig":
         return dataclasses.replace(self, **changes)
 
+    def with_seed_for(self, peer_id: str) -> "NodeConfig":
+        """This config with its seed resolved: an explicit --seed as given, else the one derived from the peer ID."""
+        return self if self.seed is not None else self.replace(seed=seed_for_peer(peer_id))
+
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["bootstrap"] = list(self.bootstrap)
@@ -205,6 +211,13 @@ class NodeConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
+
+
+def seed_for_peer(peer_id: str) -> int:
+    """The default seed of a node (31 bits of a hash of its peer ID). One shared default made every node that set no
+    --seed sample the same questions with the same generation RNG, so peers gossiped near-duplicate rollouts; from the
+    identity, nodes differ, and a node keeps its seed across restarts since its identity lives in its data directory."""
+    return int.from_bytes(hashlib.sha256(b"swarm-node/seed/" + peer_id.encode()).digest()[:4], "big") >> 1
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -17,6 +17,11 @@ rescored by node.learner first). Settings (NodeConfig; the defaults reproduce pl
 - adaptive_j: the number of peers' groups taken, J_eff <= J, moves each round by an online estimate of whether a
   peer's group helps more than an own question would (below), and the node generates I + J - (groups taken) questions
   itself. Alone it generates I + J: exactly what it would do without peers.
+- external_prefilter (default on): the J candidates drawn from the pool are groups whose SENDER-claimed rewards show
+  something to learn (mixed; with the receiver's baseline, a success above it), as the paper samples J "after
+  dropping zero-advantage groups". The claim only chooses candidates; each is rescored before it counts, so a lying
+  sender costs candidate slots (bounded per sender), never a training signal. Without it, the per-peer cap is spent
+  on whatever the pool holds, mostly zero-advantage groups when the swarm is weak.
 - ablation_self_feedback K > 0 (an experiment, docs/sapo_experiment.md): the peers' groups are replaced by this node's
   OWN groups from K rounds earlier, marked external as if a peer had sent them. Separates "a peer's group is
   stale/off-policy" from "a peer's group comes from another node".
@@ -81,6 +86,22 @@ class Mixer:
         self._own_past: list[list[ScoredGroup]] = []  # ablation_self_feedback: our own groups of recent rounds
 
     # -- before generating ----------------------------------------------------------------------------------------
+    def wants(self, pooled: object) -> bool:
+        """Pool prefilter on the sender's claimed rewards (see the module doc); True = worth rescoring."""
+        rollout = getattr(pooled, "rollout", None)
+        claimed = getattr(rollout, "rewards", None)
+        if not claimed:
+            return True  # no claim: only rescoring can tell
+        claimed = claimed[: self.cfg.group_size]
+        base = self.stats.baseline.get(rollout.task.generator) if self.cfg.external_baseline == "receiver" else None
+        if base is not None:
+            return max(claimed) > base + 1e-6
+        return max(claimed) > min(claimed)
+
+    def candidate_filter(self):
+        """The predicate for the pool draw, or None (draw from everything)."""
+        return self.wants if self.cfg.external_prefilter and self.cfg.ablation_self_feedback == 0 else None
+
     def pick_external(self, external: Sequence[ScoredGroup]) -> list[ScoredGroup]:
         """The peers' groups to train on this round (at most J_eff), with the advantages they will be trained with."""
         cfg = self.cfg

@@ -20,7 +20,7 @@ async def run_round(node: "NodeRuntime", r: int) -> dict[str, Any]:
     cfg, learner, mixer = node.cfg, node.learner, _mixer(node)
     t0 = time.monotonic()
 
-    pooled = node.collect(cfg.external * 3)  # peers' groups, already signature-checked by the swarm layer
+    pooled = node.collect(cfg.external * 3, mixer.candidate_filter())  # signature-checked by the swarm layer
     net_wait = time.monotonic() - t0
     external = await trio.to_thread.run_sync(learner.rescore, [(p.rollout, p.sender) for p in pooled])
     ext = mixer.pick_external(external)  # first, so a node generates what its peers did not supply (adaptive J)

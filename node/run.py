@@ -36,6 +36,7 @@ HISTORY = 500  # rounds of reward history kept for status and checkpoints
 
 class NodeRuntime:
     def __init__(self, cfg: NodeConfig, identity: Identity, policy: Policy, *, on_round: Callable[[dict], None] | None = None):
+        cfg = cfg.with_seed_for(identity.peer_id)  # no --seed: this node's own (checkpoints record the resolved one)
         self.cfg = cfg
         self.identity = identity
         self.policy = policy
@@ -76,7 +77,7 @@ class NodeRuntime:
         self.round = int(state["round"]) + 1
         self.last_saved = int(state["round"])
         self.history.extend(state.get("extra", {}).get("history", []))
-        log.info("resumed from %s (next round %d)", path, self.round)
+        log.info("resumed from %s (after round %d)", path, self.round)  # logs count rounds from 1
         return self.last_saved
 
     def checkpoint_due(self, r: int) -> bool:
@@ -122,7 +123,7 @@ class NodeRuntime:
                 await trio.to_thread.run_sync(write)
                 self.last_saved = r
             except Exception as e:  # a full disk costs this checkpoint, never the node; the next one tries again
-                log.error("checkpoint of round %d failed: %s", r, e)
+                log.error("checkpoint of round %d failed: %s", r + 1, e)
             finally:
                 done.set()
 
@@ -140,11 +141,14 @@ class NodeRuntime:
             return 0
         return len(chosen)
 
-    def collect(self, n: int) -> list[PooledGroup]:
+    def collect(self, n: int, predicate: Callable[[PooledGroup], bool] | None = None) -> list[PooledGroup]:
+        """Up to n peers' groups; `predicate` (node.mix: the sender's claimed rewards say there is something to learn)
+        only narrows which pooled groups are candidates; everything taken is still rescored before it counts."""
         if n <= 0 or self.mesh is None:
             return []
         # candidates beyond J are drawn for rescoring, but the young/relayed caps are shares of the J slots themselves
-        return self.pool.take(n, rng=self.rng, max_per_sender=self.cfg.max_external_per_peer, slots=self.cfg.external)
+        return self.pool.take(n, rng=self.rng, max_per_sender=self.cfg.max_external_per_peer, slots=self.cfg.external,
+                              predicate=predicate)
 
     def peer_count(self) -> int:
         return len(self.mesh.peers()) if self.mesh is not None else 0
@@ -180,7 +184,7 @@ class NodeRuntime:
                 await self.mesh.publish_rollouts(r, self.cfg.model, rollouts)
                 self.totals["rollouts_out"] += len(rollouts)
             except Exception as e:  # a failed publish costs one round's sharing, never the node
-                log.warning("publishing round %d failed: %s", r, e)
+                log.warning("publishing round %d failed: %s", r + 1, e)
 
     async def _watch_signals(self, cancel: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

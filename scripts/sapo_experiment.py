@@ -99,6 +99,20 @@ def parse_variants(specs: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def git_state() -> str:
+    """The commit the nodes ran, and whether the tree had uncommitted changes (others edit it too)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + (" (uncommitted changes)" if dirty else "")
+
+
 def load_line() -> str:
     """The machine's load, as `uptime` prints it (other work shares these cores)."""
     with contextlib.suppress(OSError):
@@ -146,7 +160,7 @@ def run_one(args: argparse.Namespace, c: Config, seed: int, node_args: list[str]
     meta = {"config": cname(c), "seed": seed, "swarm": swarm, "rc": rc, "wall_s": round(wall, 1),
             "protocol": args.protocol, "regime": args.regime, "node_models": node_models(args), **ij,
             "node_flags": list(extra), "node_seeds": [1000 * seed + i for i in range(args.nodes)],
-            "load_before": load_before, "load_after": load_line()}
+            "load_before": load_before, "load_after": load_line(), "git": git_state()}
     (d / "run.json").write_text(json.dumps(meta, indent=2))
     return meta
 

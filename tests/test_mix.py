@@ -134,3 +134,22 @@ def test_self_feedback_ablation_offers_our_own_groups_from_k_rounds_ago_as_exter
     assert sorted(g.ref.index for g in got) == [0, 1, 2, 3] and all(g.source == "self-stale" and g.external for g in got)
     m.observe(rounds[2], 4, None)
     assert sorted(g.ref.index for g in m.pick_external(peers)) == [10, 11, 12, 13]
+
+
+class _Pooled:
+    def __init__(self, rewards, fam="arith"):
+        from protocol.messages import Rollout
+
+        self.rollout = Rollout(TaskRef.make(fam, {}, 0, 0), ("x",) * 3, tuple(rewards) if rewards else None)
+
+
+def test_the_pool_prefilter_reads_the_senders_claim_only_to_pick_candidates():
+    m = mixer(local=8, external=8)
+    assert m.candidate_filter() is not None
+    assert m.wants(_Pooled([1, 0, 0])) and not m.wants(_Pooled([0, 0, 0])) and not m.wants(_Pooled([1, 1, 1]))
+    assert m.wants(_Pooled(None))  # no claim: rescoring decides
+    recv = mixer(local=8, external=8, external_baseline="receiver")
+    assert not recv.wants(_Pooled([1, 1, 1]))  # no own data on the family yet: the sender's rule (as pick_external)
+    recv.stats.update([group([1] * 7 + [0])])  # we already score ~0.9 on arith
+    assert not recv.wants(_Pooled([0, 0, 0])) and recv.wants(_Pooled([1, 1, 1]))
+    assert mixer(local=8, external=8, external_prefilter=False).candidate_filter() is None
