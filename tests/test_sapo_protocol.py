@@ -102,3 +102,24 @@ def test_a_learner_generates_as_many_groups_as_questions_per_round():
         learner = Learner(policy, NodeConfig(offline=True, **ij), random.Random(0))
         groups = learner.rollout(0)
         assert len(groups) == ij["questions_per_round"] and all(len(g.completions) == 8 for g in groups)
+
+
+def test_the_sparse_regime_samples_its_four_families_and_accepts_its_peers_refs():
+    """tiny-sparse nodes draw from four families with their configs; a peer's group of the same regime is rescored,
+    not refused as foreign (the receiver's foreign-ref check uses the same per-family configs)."""
+    torch.set_num_threads(1)
+    cfg = NodeConfig(model="tiny-sparse", offline=True, questions_per_round=24, group_size=2)
+    assert cfg.tasks == "arith,basic_arithmetic,decimal_arithmetic,fraction_simplification" and cfg.max_new_tokens == 10
+    policy = load_policy("tiny-sparse")
+    sender = Learner(policy, cfg, random.Random(1))
+    groups = sender.rollout(0)
+    assert {g.ref.generator for g in groups} == set(cfg.tasks.split(","))
+    assert all(len(policy.tokenizer.decode(g.prompt_ids)) < 32 for g in groups)  # the short prompt template
+    receiver = Learner(policy, cfg.replace(seed=2), random.Random(2))
+    rescored = receiver.rescore([(g.to_rollout(), "peer") for g in groups])
+    assert len(rescored) == len(groups) and not receiver.rejected
+    assert [g.rewards for g in rescored] == [g.rewards for g in groups]
+    # a node of the easy regime (arith with its default config) refuses them: not its training distribution
+    easy = Learner(load_policy("tiny"), NodeConfig(offline=True), random.Random(3))
+    easy.rescore([(g.to_rollout(), "peer") for g in groups if g.ref.generator == "arith"])
+    assert easy.rejected["foreign_config"] > 0
