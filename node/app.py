@@ -69,6 +69,9 @@ def run_join(cfg: NodeConfig) -> int:
         identity, created = load_or_create_identity(ident_path)
         log_path = setup_logging(cfg, peer_hint=f"node-{identity.peer_id[-8:]}")
         view.message(f"{'new identity' if created else 'identity'} {identity.peer_id} ({ident_path})")
+        if cfg.seed is None:
+            cfg = cfg.with_seed_for(identity.peer_id)
+            view.message(f"seed {cfg.seed} (from the peer ID; --seed {cfg.seed} reproduces it)")
 
         from node.learner import set_torch_threads
         from node.policy import load_policy
@@ -89,7 +92,10 @@ def run_join(cfg: NodeConfig) -> int:
         node = NodeRuntime(cfg, identity, policy, on_round=on_round)
         if cfg.resume:
             resumed = node.resume()
-            view.message(f"resumed after round {resumed}" if resumed is not None else "no checkpoint to resume: starting fresh")
+            # rounds are counted from 1 in what a node prints (as the live view and --rounds do); the checkpoint's
+            # directory and the metrics' "round" hold the 0-based index
+            view.message(f"resumed after round {resumed + 1}" if resumed is not None
+                         else "no checkpoint to resume: starting fresh")
         elif any(node.checkpoint_dir.glob("round-*")):
             raise ConfigError(
                 f"{node.checkpoint_dir} already holds checkpoints; pass --resume to continue them, "
@@ -110,7 +116,8 @@ def run_join(cfg: NodeConfig) -> int:
                 view.message(f"status on http://127.0.0.1:{cfg.status_port}/status")
 
         trio.run(lambda: node.run(on_ready=on_ready, on_listening=on_listening))
-        view.message(f"stopped after round {node.round}; checkpoint: {node.checkpoint_dir} (round {node.last_saved})")
+        saved = f"checkpoint of round {node.last_saved + 1}" if node.last_saved is not None else "no checkpoint"
+        view.message(f"stopped after round {node.round}; {saved} in {node.checkpoint_dir}")
         return 0
     except KeyboardInterrupt:
         return 130

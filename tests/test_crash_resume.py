@@ -118,7 +118,7 @@ def life_facts(node: Node) -> tuple[str, int | None]:
     peer = re.search(r"identity (12D3Koo\w+)", out)
     assert peer, out
     resumed = re.search(r"resumed after round (\d+)", out)
-    return peer.group(1), int(resumed.group(1)) if resumed else None
+    return peer.group(1), int(resumed.group(1)) - 1 if resumed else None  # printed from 1; checkpoints by index
 
 
 def sha(path: Path) -> str:
@@ -220,7 +220,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one_with_a_warning(
         assert node.proc.wait(timeout=120) == 0, node.output()
         out = node.output()
         assert re.search(r"skipping checkpoint round-000002: .*model\.safetensors does not match", out), out
-        assert "resumed after round 1" in out, out
+        assert "resumed after round 2" in out, out  # the checkpoint of index 1: the second round
         assert [m["round"] for m in node.metrics()[seen:]] == [2, 3, 4]  # round 2 is run again, from round 1's state
         assert disk(node.ck) == ([2, 3, 4], [])  # the damaged round 2 was replaced, the trash swept
         assert_all_verify(node.ck)
