@@ -1,7 +1,8 @@
 """Local checkpoints that resume training bit-identically, written atomically, with no pickle anywhere.
 
 Layout: <dir>/round-000123/{model.safetensors, optimizer.safetensors, state.json}. Tensors go to safetensors, everything
-else (config, optimizer hyper-parameters, RNG states, caller's extras, file hashes) to JSON. A checkpoint is built in
+else (config, optimizer hyper-parameters, RNG states, caller's extras, file hashes) to JSON. A LoRA model (node.lora)
+stores only its adapters, with its LoRA settings and a fingerprint of the frozen base in state.json["model"]. A checkpoint is built in
 <dir>/.tmp-round-000123-<random>/ and renamed into place, so a `round-*` directory is either complete or absent;
 `latest_checkpoint` still verifies hashes to survive disk damage. One writer per directory.
 """
@@ -51,11 +52,43 @@ def round_dir_name(round: int) -> str:
 class _StateOnly:
     """What save_checkpoint reads of a model or optimizer (its state_dict), frozen at one moment."""
 
-    def __init__(self, state: dict) -> None:
+    def __init__(self, state: dict, adapters: dict | None = None) -> None:
         self._state = state
+        self.adapters = adapters  # a LoRA model's _adapter_info, taken with the state
 
     def state_dict(self) -> dict:
         return self._state
+
+
+def _is_lora(model: Any) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def _model_state(model: Any) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of a model: its whole state_dict, or a LoRA model's adapters only (the frozen base is
+    loaded from the model source at every start; all a resume needs beyond it is what trains)."""
+    if _is_lora(model):
+        from node.lora import adapter_state_dict
+
+        return adapter_state_dict(model)
+    return model.state_dict()
+
+
+def _adapter_info(model: Any) -> dict | None:
+    """A LoRA model's settings and base fingerprint (None: not a LoRA model); read back by load_checkpoint."""
+    if isinstance(model, _StateOnly):
+        return model.adapters
+    if not _is_lora(model):
+        return None
+    from node.lora import base_fingerprint
+
+    conf = model.peft_config[model.active_adapter]
+    targets = conf.target_modules
+    return {"r": int(conf.r), "alpha": float(conf.lora_alpha), "dropout": float(conf.lora_dropout),
+            # leaf names: peft expands "all-linear" into full module paths
+            "target_modules": targets if isinstance(targets, str) else sorted({t.split(".")[-1] for t in targets}),
+            "base_fingerprint": base_fingerprint(model),
+            "base_dtype": str(next((p.dtype for p in model.parameters() if not p.requires_grad), torch.float32))}
 
 
 @dataclass(frozen=True)
@@ -71,7 +104,7 @@ def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, rn
     """Copy model and optimizer state to CPU memory (tied weights stay tied) and the RNG states, as of now."""
     clones: dict[tuple, torch.Tensor] = {}
     sd = {}
-    for name, t in model.state_dict().items():
+    for name, t in _model_state(model).items():
         t = t.detach()
         key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride()) if t.numel() \
             else None
@@ -81,7 +114,7 @@ def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, rn
                 clones[key] = c
         sd[name] = c if key is None else clones[key]
     opt = None if optimizer is None else _StateOnly(copy.deepcopy(_to_cpu(optimizer.state_dict())))
-    return Snapshot(_StateOnly(sd), opt, _rng_state(rng))
+    return Snapshot(_StateOnly(sd, _adapter_info(model)), opt, _rng_state(rng))
 
 
 def _to_cpu(v: Any) -> Any:
@@ -138,7 +171,7 @@ def save_checkpoint(
             "extra": extra if extra is not None else {},
             "created_at": time.time(),
             "torch_version": torch.__version__,
-            "model": {"aliases": aliases, "shapes": shapes},
+            "model": {"aliases": aliases, "shapes": shapes, "lora": _adapter_info(model)},
             "optimizer": opt_json,
             "rng": rng_state if rng_state is not None else _rng_state(rng),
             "files": {f: _sha256(tmp / f) for f in (MODEL_FILE, OPTIMIZER_FILE)},
@@ -224,8 +257,8 @@ def _alias_map(sd: dict[str, torch.Tensor]) -> dict[str, str]:
 
 
 def _model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, list[int]]]:
-    """Full state_dict minus exact aliases (tied weights), which are recorded by name instead."""
-    sd = model.state_dict()
+    """Full state_dict (a LoRA model's: its adapters) minus exact aliases (tied weights), recorded by name instead."""
+    sd = _model_state(model)
     aliases = _alias_map(sd)
     tensors: dict[str, torch.Tensor] = {}
     seen_storage: set[tuple] = set()
@@ -249,7 +282,9 @@ _TUPLE = "__tuple__"
 
 def _encode_value(v: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(v, torch.Tensor):
-        tensors[key] = v.detach().to("cpu").contiguous().clone()
+        # no clone: the write is synchronous, and a snapshot's tensors are private copies already (a clone would add
+        # one more copy of all optimizer state, twice the weights of a full model, at every checkpoint)
+        tensors[key] = v.detach().to("cpu").contiguous()
         return {_TENSOR: key}
     if isinstance(v, tuple):
         return {_TUPLE: [_encode_value(x, f"{key}.{i}", tensors) for i, x in enumerate(v)]}
@@ -434,8 +469,9 @@ def load_checkpoint(
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path} is damaged: cannot read tensors ({e})") from e
 
+    _check_adapters_fit(path, state["model"].get("lora"), _adapter_info(model))
     # Model: same parameter names, shapes and tying as the checkpoint's.
-    target = model.state_dict()
+    target = _model_state(model)
     saved_shapes = {k: tuple(v) for k, v in state["model"]["shapes"].items()}
     target_shapes = {k: tuple(v.shape) for k, v in target.items()}
     if saved_shapes != target_shapes:
@@ -470,11 +506,34 @@ def load_checkpoint(
         _check_optimizer_fits(path, optimizer, opt_sd)
 
     with torch.no_grad():
-        model.load_state_dict(full, strict=True)
+        if _is_lora(model):  # the adapters only; the frozen base stays as loaded (its fingerprint matched)
+            for name, p in target.items():
+                p.copy_(full[name])
+        else:
+            model.load_state_dict(full, strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(opt_sd)
     _restore_rng(state["rng"], rng)
     return state
+
+
+def _check_adapters_fit(path: Path, saved: dict | None, here: dict | None) -> None:
+    """A LoRA checkpoint resumes only into the same LoRA settings on the same base; a full one only without LoRA."""
+    if saved is None and here is None:
+        return
+    if saved is None:
+        raise CheckpointError(f"checkpoint {path} holds every weight of the model (trained without LoRA); "
+                              "start the node with --lora-r 0 to resume it")
+    if here is None:
+        raise CheckpointError(f"checkpoint {path} holds LoRA adapters (rank {saved['r']}); start the node with "
+                              f"--lora-r {saved['r']} to resume it")
+    for key, flag in (("r", "--lora-r"), ("alpha", "--lora-alpha"), ("target_modules", "--lora-target-modules")):
+        if saved[key] != here[key]:
+            raise CheckpointError(f"checkpoint {path} was trained with {flag} {saved[key]}, this node has "
+                                  f"{here[key]}; start it with the checkpoint's setting to resume")
+    if saved["base_fingerprint"] != here["base_fingerprint"]:
+        raise CheckpointError(f"checkpoint {path} holds LoRA adapters trained on another base model than the one "
+                              "loaded here; load the base the node was started with")
 
 
 def _check_optimizer_fits(path: Path, optimizer: torch.optim.Optimizer, sd: dict) -> None:

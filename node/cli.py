@@ -60,6 +60,14 @@ HELP = {
     "max_grad_norm": "Gradient clipping norm.",
     "weight_decay": "AdamW weight decay.",
     "mask_truncated_completions": "Exclude truncated completions from the loss.",
+    "lora_r": "LoRA rank: train only low-rank adapters (far less memory: no gradients or AdamW state for the base "
+              "weights); 0 = train every weight.",
+    "lora_alpha": "LoRA alpha (scale alpha / r; 0 = 2 x --lora-r).",
+    "lora_dropout": "Dropout on the LoRA adapters' input.",
+    "lora_target_modules": "Layers that get adapters, in PEFT's names: all-linear (every linear layer but the "
+                           "output head) or e.g. q_proj,k_proj,v_proj,o_proj.",
+    "memory_check": "Before loading the model, estimate peak memory (see --dry-run) and refuse to start when it "
+                    "will not fit the device.",
     "offpolicy_mask": "Mask peers' negative-advantage completions that are far off the local policy.",
     "offpolicy_threshold": "Nats above the policy's entropy beyond which the off-policy mask applies.",
     "reward_mode": "binary (default) or partial verifier credit.",
@@ -93,7 +101,8 @@ HELP = {
 FLAGS = {"resume", "offline", "mdns"}  # presence flags
 OPTIONAL_TYPES = {"seed": int, "tasks": str, "task_config": str, "local": int, "external": int, "questions_per_round": int, "max_external_per_peer": int,
              "max_new_tokens": int, "learning_rate": float, "delta": float}
-TOGGLES = {"mask_truncated_completions", "offpolicy_mask", "external_positive_only", "adaptive_j", "external_prefilter"}  # --x/--no-x
+TOGGLES = {"mask_truncated_completions", "offpolicy_mask", "external_positive_only", "adaptive_j", "external_prefilter",
+           "memory_check"}  # --x/--no-x
 
 
 def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:

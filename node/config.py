@@ -56,6 +56,9 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "*": {"questions_per_round": 8, "local": 4, "external": 4, "max_external_per_peer": 2,
           "max_new_tokens": 512, "learning_rate": 1e-6},
 }
+# --learning-rate when --lora-r > 0 and none is given: LoRA's usual 1e-5 for real models; the tiny model measured with
+# scripts/bench_lora.py
+LORA_LEARNING_RATE: dict[str, float] = {"tiny": 3e-4, "tiny-sparse": 3e-4, "*": 1e-5}
 DEFAULTS_FOR_ALL = {"tasks": "arith", "task_config": ""}  # per-model settings most models share
 
 
@@ -121,6 +124,12 @@ class NodeConfig:
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     mask_truncated_completions: bool = False
+    # LoRA (node.lora): only low-rank adapters train and carry optimizer state; 0 = every weight trains
+    lora_r: int = 0
+    lora_alpha: float = 0.0  # 0 = 2 * lora_r
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"  # PEFT's names: "all-linear" or e.g. "q_proj,k_proj,v_proj,o_proj"
+    memory_check: bool = True  # refuse to start when node.memory_plan says the run will not fit the device
     offpolicy_mask: bool = True
     offpolicy_threshold: float = 1.0
     reward_mode: str = "binary"
@@ -155,6 +164,8 @@ class NodeConfig:
     ping_timeout_s: float = 15.0
 
     def __post_init__(self) -> None:
+        if self.learning_rate is None and self.lora_r > 0:  # adapters want a higher rate than full weights
+            object.__setattr__(self, "learning_rate", LORA_LEARNING_RATE.get(self.model, LORA_LEARNING_RATE["*"]))
         for name, value in model_defaults(self.model).items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)  # frozen: resolved once, here
@@ -180,6 +191,10 @@ class NodeConfig:
             (self.newcomer_probation_s >= 0, "--newcomer-probation-s must be >= 0"),
             (self.eval_every >= 0 and self.eval_size >= 1, "--eval-every must be >= 0 and --eval-size >= 1"),
             (self.threads >= 0, "--threads must be >= 0"),
+            (self.lora_r >= 0 and self.lora_alpha >= 0, "--lora-r and --lora-alpha must be >= 0 (--lora-r 0 = off)"),
+            (0 <= self.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
+            (self.lora_r == 0 or bool(self.lora_target_modules.strip(", ")),
+             "--lora-target-modules needs 'all-linear' or module names such as q_proj,v_proj"),
             (1 <= self.shards <= MAX_SHARDS, f"--shards must be between 1 and {MAX_SHARDS} (the same on every node)"),
             (self.shard_fanin >= 1, "--shard-fanin must be >= 1 (1 = only the home shard)"),
             (self.shard_rotate_rounds >= 1, "--shard-rotate-rounds must be >= 1"),

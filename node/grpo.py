@@ -320,7 +320,9 @@ class GRPOTrainer:
     def __init__(
         self, model: nn.Module, config: GRPOConfig, *, pad_token_id: int, ref_model: nn.Module | None = None
     ) -> None:
-        if config.beta != 0.0 and ref_model is None:
+        # a LoRA model (node.lora) is its own reference: the same weights with the adapters switched off, no copy
+        self.ref_is_base = config.beta != 0.0 and ref_model is None and hasattr(model, "disable_adapter")
+        if config.beta != 0.0 and ref_model is None and not self.ref_is_base:
             raise ValueError("GRPOTrainer: beta != 0 needs a ref_model (a frozen copy of the initial policy)")
         self.model = model
         self.config = config
@@ -435,6 +437,10 @@ class GRPOTrainer:
                     if self.ref_model is not None:
                         mb.ref_logps = per_token_logps(
                             self.ref_model, mb.input_ids, mb.attention_mask, mb.n_completion, cfg.temperature)
+                    elif self.ref_is_base:
+                        with self.model.disable_adapter():
+                            mb.ref_logps = per_token_logps(
+                                self.model, mb.input_ids, mb.attention_mask, mb.n_completion, cfg.temperature)
 
             losses, grad_norms = [], []
             sums = {"clip_low": 0.0, "clip_high": 0.0, "clip_region": 0.0, "kl": 0.0}  # token-weighted

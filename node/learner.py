@@ -19,6 +19,7 @@ import torch
 from node.config import NodeConfig, parse_task_config
 from node.generation import SamplingConfig, eos_token_ids, generate_groups, greedy_answers
 from node.grpo import GRPOConfig, GRPOTrainer, TrainGroup
+from node.lora import apply_lora, is_lora, settings_from_config
 from node.oom import halving_on_oom
 from node.policy import Policy
 from protocol.messages import Rollout, TaskRef
@@ -122,8 +123,11 @@ class Learner:
             offpolicy_mask=cfg.offpolicy_mask,
             offpolicy_threshold=cfg.offpolicy_threshold,
         )
+        lora = settings_from_config(cfg)
+        if lora is not None and not is_lora(policy.model):  # only the adapters train from here on
+            policy.model = apply_lora(policy.model, lora)
         ref_model = None
-        if cfg.beta != 0:  # only then is a frozen reference worth its memory
+        if cfg.beta != 0 and lora is None:  # only then is a frozen copy worth its memory (LoRA: the adapters off)
             ref_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
         self.trainer = GRPOTrainer(policy.model, self.grpo, pad_token_id=policy.tokenizer.pad_token_id, ref_model=ref_model)
         self.rejected: Counter[str] = Counter()  # peers' groups dropped while rescoring, by reason
