@@ -208,3 +208,39 @@ def test_learner_wraps_the_policy_and_unknown_targets_are_one_sentence():
     with pytest.raises(ConfigError, match="does not fit this model"):
         Learner(load_policy("tiny"), NodeConfig(offline=True, lora_r=4, lora_target_modules="no_such_proj"),
                 random.Random(0))
+
+
+def test_node_runtime_lora_resume_matches_a_straight_run(tmp_path: Path):
+    """The node's own path: a LoRA run of 6 rounds, and one of 3 rounds + resume for 3 more, end bit-identical."""
+    import trio
+
+    from node.checkpoint import latest_checkpoint
+    from node.policy import load_policy
+    from node.run import NodeRuntime
+    from protocol.identity import Identity
+
+    def run(cfg: NodeConfig) -> NodeRuntime:
+        node = NodeRuntime(cfg, ident, load_policy("tiny"))
+        if cfg.resume:
+            node.resume()
+        trio.run(node.run)
+        return node
+
+    torch.set_num_threads(1)
+    ident = Identity.generate()
+    base = dict(offline=True, questions_per_round=4, group_size=4, checkpoint_every=1, seed=3, lora_r=4,
+                lora_dropout=0.05, beta=0.02)
+    straight = run(NodeConfig(rounds=6, checkpoint_dir=str(tmp_path / "a"), **base))
+    run(NodeConfig(rounds=3, checkpoint_dir=str(tmp_path / "b"), **base))
+    resumed = run(NodeConfig(rounds=6, checkpoint_dir=str(tmp_path / "b"), resume=True, **base))
+    assert resumed.round == 6 and resumed.last_saved == 5
+    a = dict(straight.policy.model.named_parameters())
+    moved = 0
+    for name, p in resumed.policy.model.named_parameters():
+        assert torch.equal(p, a[name]), name
+        moved += "lora_B" in name and bool(p.abs().sum() > 0)
+    assert moved > 0  # the adapters trained (B starts at zero)
+    ckpt = latest_checkpoint(tmp_path / "b")
+    assert all("lora_" in k for k in load_file(str(ckpt / MODEL_FILE)))
+    # a LoRA checkpoint is a small fraction of the model
+    assert (ckpt / MODEL_FILE).stat().st_size < 0.2 * sum(p.numel() * 4 for p in a.values())
