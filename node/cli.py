@@ -238,6 +238,47 @@ def _with_identity_seed(cfg: NodeConfig) -> NodeConfig:
         raise click.ClickException(str(e)) from None
 
 
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--out", required=True, type=click.Path(), help="Model directory to write (created; must be empty).")
+@click.option("--base", default=None, help="Load the base model from here instead of the name the checkpoint records.")
+@click.option("--dtype", default="auto", show_default=True, help="auto (as trained), float32, bfloat16 or float16.")
+@click.option("--force", is_flag=True, help="Replace an existing --out directory.")
+@click.option("--push-to-hub", "repo", default=None, metavar="REPO", help="Then upload it to this Hub repo (owner/name).")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+def export(**kwargs: Any) -> None:
+    """Write a checkpoint (or a checkpoint directory's newest) as a Hugging Face model directory with a model card."""
+    from node.export import run_export
+
+    sys.exit(run_export(**kwargs))
+
+
+@main.command("eval")
+@click.option("--model", "models", multiple=True, required=True,
+              help="A model name, model directory, node checkpoint or checkpoint directory (repeat to compare).")
+@click.option("--tasks", default=None, help="Task families [default: the first checkpoint's, else the model's].")
+@click.option("--task-config", default=None, help=HELP["task_config"])
+@click.option("--n", type=click.IntRange(1), default=500, show_default=True,
+              help="Held-out questions in all, split evenly over the families (as the node's --eval-size).")
+@click.option("--samples", type=click.IntRange(0), default=8, show_default=True,
+              help="Sampled completions per question for sampled accuracy and pass@k (0 = greedy only).")
+@click.option("--k", "ks", default=None, help="pass@k values, e.g. 1,4,8 [default: 1 and --samples].")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=None, help="[default: as the node trained]")
+@click.option("--temperature", type=float, default=None, help="Sampling temperature [default: as the node trained].")
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling [default: as the node trained].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampled completions.")
+@click.option("--device", default="auto", show_default=True, help=HELP["device"])
+@click.option("--dtype", default="auto", show_default=True, help="auto (a checkpoint's own; else as join), float32, ...")
+@click.option("--base", default=None, help="Base model for checkpoints whose recorded model is elsewhere.")
+@click.option("--threads", type=click.IntRange(0), default=0, help=HELP["threads"])
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON here.")
+def eval_(**kwargs: Any) -> None:
+    """Held-out accuracy (greedy, sampled, pass@k) per task family, on the node's held-out split; models side by side."""
+    from node.evaluate import run_eval
+
+    sys.exit(run_eval(**kwargs))
+
+
 def _build_config(kwargs: dict[str, Any]) -> NodeConfig:
     kwargs["bootstrap"] = tuple(a for item in kwargs.get("bootstrap") or () for a in str(item).split())
     try:
