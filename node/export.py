@@ -51,6 +51,11 @@ class Trained:
         return self.state.get("config") or {}
 
     @property
+    def lora(self) -> dict[str, Any] | None:
+        """The LoRA settings the node trained with (None: every weight trained)."""
+        return (self.state.get("model") or {}).get("lora")
+
+    @property
     def history(self) -> list[dict[str, Any]]:
         return list((self.state.get("extra") or {}).get("history") or [])
 
@@ -110,7 +115,13 @@ def load_trained(path: str | os.PathLike[str], *, base: str | None = None, devic
     ckpt = find_checkpoint(path)
     state = _read_verified_state(ckpt)  # hashes first: a damaged file is reported as damage, whatever it breaks
     name = base or state["model_name"]
-    want = _weights_dtype(ckpt) if dtype == "auto" else dtype
+    lora = (state.get("model") or {}).get("lora")  # a LoRA node's checkpoint holds only its adapters
+    if dtype != "auto":
+        want = dtype
+    elif lora:
+        want = str(lora.get("base_dtype", "float32")).replace("torch.", "")
+    else:
+        want = _weights_dtype(ckpt)
     try:
         policy = load_policy(name, device=device, dtype=want)
     except ModelUnavailable as e:
@@ -120,6 +131,13 @@ def load_trained(path: str | os.PathLike[str], *, base: str | None = None, devic
     # load_checkpoint restores the node's RNG streams too; an export or an eval must not inherit them
     devices = [policy.device.index or 0] if policy.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
+        if lora:  # the same adapters on the same base (load_checkpoint checks both), then the saved values
+            from node.lora import LoraSettings, apply_lora
+
+            targets = lora["target_modules"]
+            policy.model = apply_lora(policy.model, LoraSettings(
+                r=int(lora["r"]), alpha=float(lora["alpha"]), dropout=float(lora["dropout"]),
+                target_modules=targets if isinstance(targets, str) else ",".join(targets)))
         state = load_checkpoint(ckpt, model=policy.model, optimizer=None, rng=None)
     policy.model.eval()
     return Trained(policy=policy, checkpoint=ckpt, state=state)
@@ -180,8 +198,11 @@ def _install(tmp: Path, dest: Path) -> None:
 def _write_model_dir(trained: Trained, out: Path, *, base: str | None, where: str) -> None:
     from node.generation import eos_token_ids
 
+    from node.lora import merged_model
+
     policy, cfg = trained.policy, trained.config
-    model = policy.model
+    # a LoRA policy's adapters folded into the base weights: a plain model any transformers user loads
+    policy.model = model = merged_model(policy.model, in_place=True)
     gen = model.generation_config
     # the node stops a completion at any of these and pads with pad_token_id; a user's generate() should too
     eos = eos_token_ids(policy)
@@ -200,6 +221,7 @@ def _write_model_dir(trained: Trained, out: Path, *, base: str | None, where: st
         "rounds_trained": trained.round + 1,
         "model_name": trained.state["model_name"],
         "base": base or trained.state["model_name"],
+        "lora_merged": trained.lora,
         "config": cfg,
         "history": trained.history,
     }
@@ -276,7 +298,9 @@ def model_card(trained: Trained, *, base: str | None = None, where: str = "PATH"
         f"{s['rounds_trained']} rounds (checkpoint of round {trained.round}), task families `{tasks}`"
         + (f" with settings `{cfg['task_config']}`" if cfg.get("task_config") else "") + ".",
         "Each round the node trains on its own rollout groups (I) plus groups shared by peers (J), rescored by its own "
-        "verifier (SAPO).",
+        "verifier (SAPO)."
+        + (f" It trained LoRA adapters (rank {trained.lora['r']}, alpha {trained.lora['alpha']:g}, "
+           f"modules {_targets(trained.lora)}), merged here into the base weights." if trained.lora else ""),
         "",
         "## Training",
         "",
@@ -343,6 +367,11 @@ def model_card(trained: Trained, *, base: str | None = None, where: str = "PATH"
         "",
     ]
     return "\n".join(front + lines)
+
+
+def _targets(lora: dict[str, Any]) -> str:
+    t = lora.get("target_modules")
+    return t if isinstance(t, str) else ", ".join(t or [])
 
 
 def _system_prompt() -> str:

@@ -33,8 +33,9 @@ N_QUESTIONS = 48
 def train_node(tmp: Path, model: str, rounds: int = 2, **kw) -> NodeRuntime:
     """A lone node, in-process, that trains `rounds` rounds and checkpoints at its end (as `join` does)."""
     torch.set_num_threads(1)
+    kw = {"learning_rate": 1e-3, **kw}
     cfg = NodeConfig(model=model, offline=True, rounds=rounds, questions_per_round=8, group_size=4, seed=1,
-                     learning_rate=1e-3, eval_every=1, eval_size=16, checkpoint_dir=str(tmp / "ck"), **kw)
+                     eval_every=1, eval_size=16, checkpoint_dir=str(tmp / "ck"), **kw)
     node = NodeRuntime(cfg, Identity.generate(), load_policy(model, device="cpu", dtype=cfg.dtype))
     trio.run(node.run)
     assert node.last_saved == rounds - 1
@@ -246,3 +247,25 @@ def test_push_failure_inside_huggingface_hub_is_one_sentence(tiny_node, tmp_path
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ExportError, match="HF_HUB_OFFLINE"):
         push_to_hub(out, "someone/tiny-swarm")
+
+
+def test_lora_checkpoint_exports_merged_and_answers_as_the_node_did(tmp_path):
+    """A LoRA node's checkpoint holds adapters only: the export is the base with them merged, a plain model."""
+    node = train_node(tmp_path, "tiny", lora_r=4, learning_rate=3e-3)
+    res = export_checkpoint(node.checkpoint_dir, tmp_path / "out")
+    exported = AutoModelForCausalLM.from_pretrained(res.out).state_dict()
+    assert not any("lora" in k for k in exported)
+    base = load_policy("tiny", device="cpu").model.state_dict()
+    assert set(exported) == set(base) and any(not torch.equal(exported[k], base[k]) for k in base)
+    questions = heldout_questions()
+    node_ids = node_greedy_ids(node, questions)  # the node's policy: base + adapters, unmerged
+    assert plain_transformers_greedy(res.out, questions)[0] == node_ids
+    info = json.loads((res.out / EXPORT_INFO_FILE).read_text())
+    assert info["lora_merged"]["r"] == 4
+    assert "LoRA adapters (rank 4" in (res.out / "README.md").read_text()
+    # and `eval` of the LoRA checkpoint (adapters unmerged, as the node ran them) gives the node's own figure
+    from node.evaluate import evaluate, load_model, resolve_settings
+
+    loaded = load_model(str(node.checkpoint_dir), device="cpu")
+    got = evaluate(loaded.policy, resolve_settings(loaded, n=64, samples=0))
+    assert got["overall"]["greedy_acc"] == node.learner.evaluate(64)
