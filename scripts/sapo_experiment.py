@@ -202,6 +202,16 @@ def run_stats(run: dict[str, Any], rounds: int) -> dict[str, Any]:
     # compute: completions sampled (metrics "generated"; older runs: questions per round x 8)
     fallback = 8 * run.get("questions_per_round", 0)
     generated = sum(r.get("generated", fallback) for rows in nodes for r in rows)
+    # groups with signal trained per round: own ones (own groups with signal, all of them fit in the paper's
+    # protocol) + peers' (always with signal); the learning signal a node actually got
+    n_rows = max(1, sum(len(rows) for rows in nodes))
+    signal = sum((1 - r.get("frac_zero_std", 0.0)) * (r.get("generated", fallback) / 8) if r.get("n_local", 0) >=
+                 r.get("generated", fallback) / 8 else r.get("n_local", 0) for rows in nodes for r in rows)
+    signal += n_ext
+    ys = [y for y in per_round if y is not None]
+    xbar, ybar = (len(ys) - 1) / 2, sum(ys) / max(1, len(ys))
+    slope = (sum((i - xbar) * (y - ybar) for i, y in enumerate(ys)) / sum((i - xbar) ** 2 for i in range(len(ys)))
+             if len(ys) > 1 else None)
     return {
         "rounds_done": [len(rows) for rows in nodes],
         "cumulative_reward": cum,
@@ -213,6 +223,8 @@ def run_stats(run: dict[str, Any], rounds: int) -> dict[str, Any]:
         "external_share": n_ext / max(1, n_ext + n_loc),
         "groups_trained_per_round": (n_ext + n_loc) / max(1, sum(len(rows) for rows in nodes)),
         "completions_generated": generated,  # summed over nodes and rounds
+        "signal_groups_per_round": signal / n_rows,
+        "reward_slope": slope,  # least-squares slope of the node-mean own reward per round
         "completions_generated_per_node_round": generated / max(1, sum(len(rows) for rows in nodes)),
         "frac_zero_std": _mean([r.get("frac_zero_std") for rows in nodes for r in rows]),
         "wall_s": run.get("wall_s"),
@@ -271,6 +283,8 @@ def aggregate(args: argparse.Namespace, configs: list[Config], seeds: list[int],
             "cumulative_batch_reward": _mean([st["cumulative_batch_reward"] for st in runs.values()]),
             "external_share": _mean([st["external_share"] for st in runs.values()]),
             "groups_trained_per_round": _mean([st["groups_trained_per_round"] for st in runs.values()]),
+            "signal_groups_per_round": _mean([st.get("signal_groups_per_round") for st in runs.values()]),
+            "reward_slope": _mean([st.get("reward_slope") for st in runs.values()]),
             "frac_zero_std": _mean([st["frac_zero_std"] for st in runs.values()]),
             "wall_s": [st["wall_s"] for st in runs.values()],
             "exit_codes": [st["rc"] for st in runs.values()],
@@ -349,12 +363,14 @@ def write_report(args: argparse.Namespace, res: dict[str, Any], command: str, ma
         "(1093.31 vs 561.79); here also: 4/4 reaching 8/0's final held-out accuracy in at most half the rounds.",
         "",
         "| config | completions generated (all nodes) | external share of trained groups | groups trained / round "
-        "| own groups with zero advantage | cumulative training-batch reward | run wall time (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| groups with signal trained / round | reward slope / round | own groups with zero advantage "
+        "| cumulative training-batch reward | run wall time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summ.items():
         lines.append(f"| {name} | {f(s['completions_generated'], '{:.0f}')} | {s['external_share']:.2f} | "
-                     f"{s['groups_trained_per_round']:.1f} | "
+                     f"{s['groups_trained_per_round']:.1f} | {f(s.get('signal_groups_per_round'), '{:.1f}')} | "
+                     f"{f(s.get('reward_slope'), '{:.4f}')} | "
                      f"{f(s['frac_zero_std'], '{:.2f}')} | {f(s['cumulative_batch_reward'], '{:.1f}')} | {', '.join(f(w, '{:.0f}') for w in s['wall_s'])} |")
     lines += ["", "Per seed (cumulative reward / final held-out):", ""]
     for name, s in summ.items():
