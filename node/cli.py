@@ -79,6 +79,11 @@ HELP = {
     "keep_checkpoints": "Checkpoints kept.",
     "resume": "Continue from the newest complete checkpoint.",
     "metrics": "Append one JSON line per round to this file.",
+    "tensorboard": "Write TensorBoard event files (every round's metrics, per-peer counts) under this directory, one "
+                   "run per node (needs swarm-node[tensorboard]).",
+    "wandb": "Log every round to Weights & Biases (needs swarm-node[wandb]); offline unless --wandb-mode online.",
+    "wandb_project": "W&B project name.",
+    "wandb_mode": "offline (written under the data dir or WANDB_DIR; upload later with `wandb sync`) or online.",
     "eval_every": "Rounds between held-out greedy evaluations (0 = never).",
     "eval_size": "Held-out questions per evaluation.",
     "log_file": "Log file (default: <data dir>/logs/node.log).",
@@ -98,7 +103,7 @@ HELP = {
     "ping_interval_s": "Seconds between liveness pings to each peer; a peer that misses 3 is dropped (0 = off).",
     "ping_timeout_s": "Seconds a peer has to answer a liveness ping.",
 }
-FLAGS = {"resume", "offline", "mdns"}  # presence flags
+FLAGS = {"resume", "offline", "mdns", "wandb"}  # presence flags
 OPTIONAL_TYPES = {"seed": int, "tasks": str, "task_config": str, "local": int, "external": int, "questions_per_round": int, "max_external_per_peer": int,
              "max_new_tokens": int, "learning_rate": float, "delta": float}
 TOGGLES = {"mask_truncated_completions", "offpolicy_mask", "external_positive_only", "adaptive_j", "external_prefilter",

@@ -142,6 +142,10 @@ class NodeConfig:
     keep_checkpoints: int = 3
     resume: bool = False
     metrics: str = ""  # JSONL path, one line per round
+    tensorboard: str = ""  # TensorBoard log dir ("" = off); a run per node under it (node.tracking)
+    wandb: bool = False  # log to Weights & Biases (node.tracking)
+    wandb_project: str = "swarm-node"
+    wandb_mode: str = "offline"  # "offline" (written locally, `wandb sync` later) | "online"
     eval_every: int = 0  # rounds between held-out greedy evaluations (0 = never)
     eval_size: int = 100
     log_file: str = ""  # "" = <data dir>/logs/node-<peer>.log
@@ -186,6 +190,7 @@ class NodeConfig:
             (self.share in ("all", "nonzero", "none"), "--share must be all, nonzero or none"),
             (self.external_baseline in ("sender", "receiver"), "--external-baseline must be sender or receiver"),
             (self.external_select in ("uniform", "lacking"), "--external-select must be uniform or lacking"),
+            (self.wandb_mode in ("offline", "online"), "--wandb-mode must be offline or online"),
             (self.ablation_self_feedback >= 0, "--ablation-self-feedback must be >= 0 (0 = off)"),
             (self.max_external_per_peer >= 1, "--max-external-per-peer must be >= 1"),
             (self.newcomer_probation_s >= 0, "--newcomer-probation-s must be >= 0"),

@@ -284,6 +284,9 @@ class NodeRuntime:
                         self.cfg.peer_wait_s)
 
     async def _round_loop(self) -> None:
+        from node.tracking import Trackers
+
+        trackers = Trackers(self.cfg, self.identity.peer_id)  # before the first round: a missing extra stops us now
         metrics_file = open(self.cfg.metrics, "a", buffering=1) if self.cfg.metrics else None
         try:
             while not self.stop_requested and (self.cfg.rounds == 0 or self.round < self.cfg.rounds):
@@ -297,11 +300,13 @@ class NodeRuntime:
                     self.mesh.set_status(self.round, self.cfg.model)
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(_jsonable(m)) + "\n")
+                trackers.log(m, self)
                 if self.on_round is not None:
                     self.on_round(m)
             if self.round > 0:
                 await self.checkpoint(self.round - 1)  # the last finished round, before anything else stops
         finally:
+            trackers.close()
             if metrics_file is not None:
                 metrics_file.close()
 
