@@ -6,9 +6,12 @@ Prints `inputs=N crashes=K accepted_invalid=M` and a detail line; exits 1 unless
 - A crash is any exception other than Rejected, or a Rejected that came from the validator's catch-all (detail
   "unexpected ..."): that one is a bug the catch-all hid.
 - An accepted input is invalid unless its bytes are exactly an envelope this harness sealed itself, published by its
-  signer, and the model agrees it is fresh (created_at within [now - max_age_s, now + max_clock_skew_s]), not a replay
-  (seq never accepted before from that sender and above the sender's replay window), within the sender's token
-  buckets and within the node's total ones (young senders only above their floor). `rejected_valid` (inputs the model would accept but the validator refused) is reported too.
+  signer, and the model agrees it came on a topic that fits it (sharded swarm: its sender's home shard, or the lobby
+  for a Hello), is fresh (created_at within [now - max_age_s, now + max_clock_skew_s]), is not a replay (its seq was
+  not accepted from that sender with a created_at that a copy could still be fresh with by the latest clock reading,
+  and it was not created at or before an accepted message of that sender that has aged out), within the sender's
+  token buckets and within the node's total ones (young senders only above their floor). `rejected_valid` (inputs
+  the model would accept but the validator refused) is reported too.
 
     python scripts/fuzz_validator.py --count 100000 --seed 0
     python scripts/fuzz_protocol.py --validator --count 100000   # the same
@@ -32,11 +35,15 @@ from protocol.identity import Identity  # noqa: E402
 from protocol.messages import Hello, Rollout, RolloutBatch, TaskRef  # noqa: E402
 from scripts.fuzz_protocol import (  # noqa: E402
     byte_mutation, envelope_structural_mutation, semantic_mutation, structural_mutation)
+from swarm.shards import home_shard, lobby_topic, shard_topic  # noqa: E402
 from swarm.validator import REASONS, MessageValidator, RateLimit, Rejected  # noqa: E402
 
 SWARM = "fuzz-swarm"  # semantic_mutation signs for this swarm name
 T0 = 1_700_000_000.0
-MAX_AGE_S, SKEW_S, WINDOW = 900.0, 60.0, 16
+MAX_AGE_S, SKEW_S, WINDOW = 900.0, 60.0, 16  # WINDOW: how far out of order the harness sends seqs
+SHARDS = 4
+TOPICS = [shard_topic(SWARM, M.PROTOCOL_VERSION, SHARDS, i) for i in range(SHARDS)]
+LOBBY = lobby_topic(SWARM, M.PROTOCOL_VERSION, SHARDS)
 # small buckets so that the rate and load paths are reached often
 RATE = RateLimit(msgs_per_s=10.0, msgs_burst=20.0, bytes_per_s=40_000.0, bytes_burst=120_000.0,
                  total_msgs_per_s=12.0, total_msgs_burst=40.0, total_bytes_per_s=60_000.0, total_bytes_burst=200_000.0)
@@ -67,8 +74,9 @@ class Model:
     """What the validator may accept: a spec written from the README/docstrings, independent of its code."""
 
     def __init__(self) -> None:
-        self.accepted: dict[str, set[int]] = {}  # sender -> accepted seqs
-        self.top: dict[str, list[int]] = {}  # sender -> its WINDOW highest accepted seqs, ascending
+        self.last_created: dict[str, dict[int, float]] = {}  # sender -> seq -> created_at of its latest acceptance
+        self.created: dict[str, list[float]] = {}  # sender -> created_at of every accepted message, ascending
+        self.clock_max = -float("inf")  # the latest clock reading the validator has seen (tick)
         self.buckets: dict[str, tuple[_Bucket, _Bucket]] = {}
         self.first_seen: dict[str, float] = {}
         self.admit = _Bucket(RATE.new_senders_per_s, RATE.new_senders_burst, T0)
@@ -76,10 +84,21 @@ class Model:
         self.total = (_Bucket(RATE.total_msgs_per_s, RATE.total_msgs_burst, T0),
                       _Bucket(RATE.total_bytes_per_s, RATE.total_bytes_burst, T0))
 
-    def verdict(self, msg: M.Message, size: int, from_peer: str, now: float) -> str:
+    def tick(self, now: float) -> None:
+        """The validator read its clock (it does so once for every input)."""
+        self.clock_max = max(self.clock_max, now)
+
+    def verdict(self, msg: M.Message, size: int, from_peer: str, now: float, topic: str | None = None) -> str:
         """'ok' or the reason it must be refused (signature/decode problems are decided by the sealed-bytes set)."""
+        self.tick(now)
         if msg.sender != from_peer:
             return "sender"
+        if topic is not None:
+            if topic == LOBBY:
+                if not isinstance(msg, Hello):
+                    return "topic"
+            elif topic not in TOPICS or TOPICS.index(topic) != home_shard(msg.sender, SHARDS):
+                return "topic"
         if not (now - MAX_AGE_S <= msg.created_at <= now + SKEW_S):
             return "stale"
         if msg.sender not in self.buckets:  # a new identity: admitted at a bounded rate, starts with 1 s of budget
@@ -92,10 +111,14 @@ class Model:
                 msgs.tokens = min(RATE.msgs_burst, max(1.0, RATE.msgs_per_s))
                 nbytes.tokens = min(RATE.bytes_burst, max(float(M.MAX_MESSAGE_BYTES), RATE.bytes_per_s))
             self.buckets[msg.sender] = (msgs, nbytes)
-        if msg.seq in self.accepted.get(msg.sender, ()):
+        # replay: the window is in time (the validator's doc), judged by the latest clock reading
+        horizon = self.clock_max - MAX_AGE_S
+        last = self.last_created.get(msg.sender, {}).get(msg.seq)
+        if last is not None and last >= horizon:  # a copy of an accepted message could still be fresh
             return "replay"
-        top = self.top.get(msg.sender, [])
-        if len(top) >= WINDOW and msg.seq < top[0]:  # older than the window's oldest
+        created = self.created.get(msg.sender, [])
+        aged = bisect.bisect_left(created, horizon)  # accepted messages that aged out: created_at < horizon
+        if aged and msg.created_at <= created[aged - 1]:
             return "replay"
         msgs, nbytes = self.buckets[msg.sender]
         if msgs.level(now) < 1 or nbytes.level(now) < size:
@@ -121,10 +144,8 @@ class Model:
         return self.forwarders[peer]
 
     def accept(self, msg: M.Message, size: int, now: float) -> None:
-        self.accepted.setdefault(msg.sender, set()).add(msg.seq)
-        top = self.top.setdefault(msg.sender, [])
-        bisect.insort(top, msg.seq)
-        del top[:-WINDOW]
+        self.last_created.setdefault(msg.sender, {})[msg.seq] = msg.created_at
+        bisect.insort(self.created.setdefault(msg.sender, []), msg.created_at)
         msgs, nbytes = self.buckets[msg.sender]
         msgs.spend(1, now)
         nbytes.spend(size, now)
@@ -158,7 +179,7 @@ class Harness:
         self.clock = FakeClock()
         self.validator = validator or MessageValidator(
             SWARM, M.PROTOCOL_VERSION, max_age_s=MAX_AGE_S, max_clock_skew_s=SKEW_S, rate=RATE,
-            replay_window=WINDOW, clock=self.clock)
+            shards=SHARDS, clock=self.clock)
         self.model = Model()
         self.idents = [Identity(self.rng.randbytes(32)) for _ in range(4)]
         self.stranger = Identity(self.rng.randbytes(32))
@@ -279,13 +300,30 @@ class Harness:
 
     # ------------------------------------------------------------ judging
 
+    def _topic(self, msg: M.Message | None, from_peer: str) -> str:
+        """Mostly the topic an honest node would use; sometimes a wrong shard, the lobby for a batch, several topics
+        at once or a topic of another swarm."""
+        rng = self.rng
+        sender = msg.sender if msg is not None else from_peer
+        hello = isinstance(msg, Hello) if msg is not None else rng.random() < 0.2
+        r = rng.random()
+        if r < 0.85:
+            return LOBBY if hello and rng.random() < 0.5 else TOPICS[home_shard(sender, SHARDS)]
+        if r < 0.93:
+            return rng.choice(TOPICS + [LOBBY])
+        if r < 0.97:
+            return "|".join(rng.sample(TOPICS + [LOBBY], 2))
+        return rng.choice(["", shard_topic("other", M.PROTOCOL_VERSION, SHARDS, 0), TOPICS[0] + "x"])
+
     def _check(self, data: bytes, from_peer: str) -> None:
         res, now = self.result, self.clock.t
         res.inputs += 1
         valid_msg = self.sealed.get(data)
-        expected = "invalid" if valid_msg is None else self.model.verdict(valid_msg, len(data), from_peer, now)
+        topic = self._topic(valid_msg, from_peer)
+        self.model.tick(now)
+        expected = "invalid" if valid_msg is None else self.model.verdict(valid_msg, len(data), from_peer, now, topic)
         try:
-            msg = self.validator.check(data, from_peer)
+            msg = self.validator.check(data, from_peer, topic=topic)
         except Rejected as r:
             res.reasons[r.reason] = res.reasons.get(r.reason, 0) + 1
             if r.detail.startswith("unexpected "):

@@ -12,8 +12,8 @@ connections  Each node dials min(max_peers = 32, N - 1) peers found through Hell
              the dials go to home-shard mates (the Hellos a node hears: its home shard's every 10 s, the lobby's from
              everyone every 10 x S s), half to uniform peers; then, each epoch, Mesh._reach_shards: a node with fewer
              than 4 connected members on a shard it listens to dials members (computed from peer ID and round) among
-             the 128 peers it knows from Hellos. Without that step rotated-in fan-in shards are often unreachable (delivery 0.42 at
-             N = 1,000).
+             the peers it knows from Hellos (swarm.peerbook: 8 per home shard; --known lru: the old 128 most recently
+             heard). Without that step rotated-in fan-in shards are often unreachable (delivery 0.42 at N = 1,000).
 topics       One topic (today), or S shard topics + a lobby (swarm/shards.py): a node publishes its batch and its Hello
              to its home shard, listens to its home shard + fanin - 1 rotating ones, and everyone listens to the lobby.
 mesh         Per topic, among connected subscribers: each node GRAFTs random topic peers up to D = 6; a peer accepts
@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 from protocol.envelope import seal  # noqa: E402
 from protocol.identity import Identity  # noqa: E402
 from protocol.messages import PROTOCOL_VERSION, Rollout, RolloutBatch, TaskRef  # noqa: E402
+from swarm.peerbook import capacity_for  # noqa: E402
 from swarm.pool import ExperiencePool  # noqa: E402
 from swarm.shards import epochs_to_cover, home_shard, subscribed_shards  # noqa: E402
 from swarm.validator import MessageValidator, RateLimit  # noqa: E402
@@ -108,19 +109,38 @@ def connect(n: int, rng: random.Random, shard_mates: list[list[int]] | None, fan
     return adj
 
 
+def known_peers(n: int, home: list[int], shards: int, rng: random.Random, shard_aware: bool = True) -> list[int]:
+    """Discovery.known after a node has heard every peer's lobby Hello (one rotation of S x 10 s) in random order:
+    swarm.peerbook keeps capacity_for(max_peers, S) of them, min(heard, capacity // S) from each home shard (a sample
+    of that here); `shard_aware=False` is the old book, the 128 most recently heard (a uniform sample)."""
+    if not shard_aware or shards == 1:
+        return rng.sample(range(n), min(4 * MAX_PEERS, n))
+    cap = capacity_for(MAX_PEERS, shards)
+    by_home: list[list[int]] = [[] for _ in range(shards)]
+    for v in range(n):
+        by_home[home[v]].append(v)
+    out = [v for vs in by_home for v in rng.sample(vs, min(len(vs), cap // shards))]
+    rest = [v for v in range(n) if v not in set(out)] if len(out) < min(cap, n) else []
+    return out + rng.sample(rest, min(len(rest), cap - len(out)))
+
+
 def reach_shards(adj: list[set[int]], subs: list[tuple[int, ...]], home: list[int], members: list[list[int]],
-                 rng: random.Random, want: int = 4, known: int = 128) -> None:
+                 rng: random.Random, shards: int, want: int = 4, shard_aware: bool = True) -> None:
     """Mesh._reach_shards: for each shard a node listens to with fewer than `want` connected members, dial peers that
-    listen to it (home or fan-in, computed from their peer ID and round) among the <= 128 it heard Hellos from
-    (Discovery.known; a uniform sample here)."""
+    listen to it (home or fan-in, computed from their peer ID and round) among those it heard Hellos from
+    (Discovery.known: `known_peers`)."""
     n = len(adj)
     for u in range(n):
+        book = None
         for s in subs[u]:
             mem = set(members[s])
             have = sum(1 for v in adj[u] if v in mem)
             if have >= want:
                 continue
-            cands = [v for v in rng.sample(range(n), min(known, n)) if s in subs[v] and v != u and v not in adj[u]]
+            if book is None:
+                book = known_peers(n, home, shards, rng, shard_aware)
+            cands = [v for v in book if s in subs[v] and v != u and v not in adj[u]]
+            rng.shuffle(cands)
             for v in cands[:want - have]:
                 adj[u].add(v)
                 adj[v].add(u)
@@ -239,7 +259,7 @@ def simulate(n: int, shards: int, fanin: int, args: argparse.Namespace, seed: in
             mates = [[v for v in range(n) if home[v] == home[u] and v != u] for u in range(n)] if shards > 1 else None
             adj = connect(n, rng, mates, 1)
         if shards > 1:
-            reach_shards(adj, subs, home, members, rng)
+            reach_shards(adj, subs, home, members, rng, shards, shard_aware=args.known == "shard")
         topics = []  # (load, messages per publisher per round: batches, hellos)
         for s in range(shards):
             pubs = [u for u in range(n) if home[u] == s]
@@ -330,6 +350,8 @@ def main() -> int:
     ap.add_argument("--id-us", type=float, default=2.0, help="CPU us per IHAVE message ID (assumed)")
     ap.add_argument("--max-sources", type=int, default=150, help="publishers flooded per topic (the rest scaled)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--known", choices=["shard", "lru"], default="shard",
+                    help="Discovery.known: shard-aware (swarm.peerbook) or the old 128 most recently heard")
     ap.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = ap.parse_args()
     t0 = time.time()

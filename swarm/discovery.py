@@ -48,7 +48,6 @@ import math
 import random
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import multiaddr
@@ -58,22 +57,16 @@ from libp2p.peer.id import ID
 
 from protocol.messages import Hello
 
+from .peerbook import KnownPeer, PeerBook, capacity_for
 from .validator import TokenBucket
+
+__all__ = ["AddressPolicy", "Discovery", "KnownPeer", "address_class", "dialable", "split_p2p_addr"]
 
 log = logging.getLogger(__name__)
 
 MAX_ADDRS_PER_PEER = 4  # a node on 0.0.0.0 advertises its interfaces + 127.0.0.1: a few, after filtering
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")  # shared address space: private use, not in 3.11's is_private
 _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
-
-
-@dataclass(frozen=True)
-class KnownPeer:
-    peer_id: str
-    addrs: tuple[str, ...]
-    round: int
-    model: str
-    last_hello: float  # wall clock when we received its latest Hello
 
 
 def split_p2p_addr(addr: str) -> tuple[str, str | None]:
@@ -176,6 +169,7 @@ class Discovery:
         addr_retry_s: float | None = None,
         via_dials_per_s: float = 0.5,
         via_dials_burst: float = 16.0,
+        shards: int = 1,
     ) -> None:
         self.host = host
         self.me = host.get_id().to_base58()
@@ -187,7 +181,8 @@ class Discovery:
         self.redial_after_s = redial_after_s
         self.forget_after_s = forget_after_s  # a known peer not heard from for this long is no longer redialed
         self.scan_peerstore = scan_peerstore
-        self.known: dict[str, KnownPeer] = {}
+        # Hello senders, kept per home shard (swarm.peerbook): every shard we may rotate into keeps its share
+        self.known = PeerBook(capacity_for(max_peers, shards), shards)
         self.dials_ok = 0
         self.dials_failed = 0
         self.dial_attempts = 0  # addresses dialed (peer exchange, redials, shard top-ups; bootstrap too)
@@ -388,10 +383,7 @@ class Discovery:
         self.addrs_refused += refused
         if via is not None and via != hello.sender and not self.connected(via):
             return  # only Hellos from peers we are connected to lead anywhere
-        self.known[hello.sender] = KnownPeer(hello.sender, tuple(addrs), hello.round, hello.model, received_at)
-        if len(self.known) > 4 * self.max_peers:  # forget the least recently heard
-            oldest = min(self.known.values(), key=lambda k: k.last_hello)
-            del self.known[oldest.peer_id]
+        self.known.add(KnownPeer(hello.sender, tuple(addrs), hello.round, hello.model, received_at))
         self._maybe_dial(hello.sender, addrs, via=via)
 
     def _maybe_dial(self, peer: str, addrs: Sequence[str], via: str | None = None) -> None:
@@ -417,11 +409,13 @@ class Discovery:
         while True:
             await trio.sleep(self.redial_after_s / 3)
             now = time.time()
-            for kp in list(self.known.values()):
+            room = self.n_connected() < self.max_peers  # else _maybe_dial refuses them all: skip the per-peer checks
+            for kp in self.known.values():
                 if now - kp.last_hello > self.forget_after_s:
-                    del self.known[kp.peer_id]
+                    self.known.remove(kp.peer_id)
                     continue
-                self._maybe_dial(kp.peer_id, kp.addrs)
+                if room:
+                    self._maybe_dial(kp.peer_id, kp.addrs)
 
     async def _px_dial(self, peer: str, addrs: list[str]) -> None:
         try:

@@ -87,7 +87,7 @@ class MeshConfig:
     mdns: bool = False
     max_peers: int = 32  # peer exchange stops dialing at this many connections
     incoming_capacity: int = 256  # Received batches buffered for the node; beyond that new ones are dropped
-    replay_window: int = 64
+    replay_per_sender: int = 4096  # replay memory: a window in time (max_age_s), capped per sender (swarm.validator)
     strike_threshold: int = 10  # more rejections than this within strike_window_s -> disconnect + ban
     strike_window_s: float = 60.0
     ban_s: float = 600.0
@@ -153,7 +153,7 @@ class Mesh:
         self._lobby_peers_seen: set[str] = set()  # lobby peers at that Hello: a new one gets a Hello at once
         self.validator = MessageValidator(
             config.swarm, PROTOCOL_VERSION, max_age_s=config.max_age_s, max_clock_skew_s=config.max_clock_skew_s,
-            rate=config.rate(), replay_window=config.replay_window)
+            rate=config.rate(), replay_per_sender=config.replay_per_sender, shards=config.shards)
         self.standing = PeerStanding(config.strike_threshold, config.strike_window_s, config.ban_s)
         send, recv = trio.open_memory_channel[Received](config.incoming_capacity)
         self._send = send
@@ -206,7 +206,11 @@ class Mesh:
                     self._discovery = Discovery(host, bootstrap=cfg.bootstrap, max_peers=cfg.max_peers,
                                                 is_banned=self.standing.is_banned,
                                                 backoff_max_s=cfg.bootstrap_backoff_max_s, scan_peerstore=cfg.mdns,
-                                                redial_after_s=cfg.redial_after_s, own_addrs=self._listen_addrs)
+                                                redial_after_s=cfg.redial_after_s, own_addrs=self._listen_addrs,
+                                                shards=cfg.shards,
+                                                # a peer on a shard we do not listen to is heard only on the lobby,
+                                                # every S Hello intervals: keep it for a few of those
+                                                forget_after_s=max(3600.0, 3 * cfg.hello_interval_s * cfg.shards))
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
                         await nursery.start(self._discovery.run)
@@ -282,10 +286,14 @@ class Mesh:
         with self._lock:
             c = self._c
             lat = sorted(c.latency_ms)
-            known = {}
+            known: dict[str, Any] = {}
+            known_per_shard: dict[int, int] = {}
             if self._discovery is not None:
-                known = {p: {"round": k.round, "model": k.model, "age_s": round(time.time() - k.last_hello, 1)}
-                         for p, k in list(self._discovery.known.items())}
+                book = self._discovery.known
+                recent = sorted(book.values(), key=lambda k: k.last_hello)[-256:]  # a big swarm's book: its newest
+                known = {k.peer_id: {"round": k.round, "model": k.model, "age_s": round(time.time() - k.last_hello, 1)}
+                         for k in recent}
+                known_per_shard = dict(sorted(book.counts().items()))
             return {
                 "peer_id": self.peer_id,
                 "topic": self.topic,
@@ -318,6 +326,8 @@ class Mesh:
                 "latency_ms_p50": _pct(lat, 0.5),
                 "latency_ms_p90": _pct(lat, 0.9),
                 "known_peers": known,
+                "known_count": len(self._discovery.known) if self._discovery else 0,
+                "known_per_shard": known_per_shard,  # home shard -> peers known there (swarm.peerbook)
                 "dials_ok": self._discovery.dials_ok if self._discovery else 0,
                 "dials_failed": self._discovery.dials_failed if self._discovery else 0,
                 "dials": {k: getattr(self._discovery, k, 0) for k in
@@ -491,9 +501,10 @@ class Mesh:
                 return False
             publisher = peer_id_str(msg.from_id)
             fwd = forwarder.to_base58()
+            topic = "|".join(msg.topicIDs)  # signed by the publisher with the message: the validator checks it fits
             with self._lock:
                 try:
-                    decoded = self.validator.check(msg.data, publisher, fwd, lagging=self._lagging())
+                    decoded = self.validator.check(msg.data, publisher, fwd, lagging=self._lagging(), topic=topic)
                 except Rejected as r:
                     banned = self.standing.on_rejection(r.reason, publisher, fwd, len(msg.data))
                     log.debug("rejected %s from %s via %s", r.reason, publisher, fwd)

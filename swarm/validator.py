@@ -1,22 +1,35 @@
 """Checks every gossiped message before it is delivered or forwarded. Pure logic: no network, injectable clock.
 
-Order of checks (the first failure is the reason): size, decode, signature, sender, swarm, version, stale, newcomer
-admission, replay, rate, newcomer budget (see RateLimit for the sybil bounds), load (the node's total budget, and
-rollouts while the node lags).
+Order of checks (the first failure is the reason): size, decode, signature, sender, swarm, version, topic, stale,
+newcomer admission, replay, rate, newcomer budget (see RateLimit for the sybil bounds), load (the node's total budget,
+and rollouts while the node lags).
+
+Topic (when the caller passes the gossip topic the message came on): in a sharded swarm (swarm.shards) a message on
+shard i must come from a sender whose home shard is i, and the lobby carries only Hellos. py-libp2p's message
+signature covers the topic, so a relay cannot move a message to another topic: a message on the wrong topic was
+published there by its sender, which an honest node never does, and an honest relay (same topics, same check) never
+forwards it. So "topic" is a hard reason. A message published to several topics at once is rejected too (an honest
+node publishes each message to one topic).
+
+Replay (`MessageValidator` doc): a window in time, not a count: every seq accepted from a sender is remembered for as
+long as the message could still pass the stale check, so a delayed honest batch is accepted however many newer ones
+its sender published meanwhile, and an exact copy is refused for as long as it is fresh.
 
 Cheap checks first: a message whose envelope header (`peek_header`: created_at, sender, seq, swarm, version, read
 without decoding the payload or checking the signature) already shows it stale, replayed, over its sender's budget or
 over the node's total is rejected in ~0.05 ms instead of after the ~2.7 ms decode and signature check of a 1 MB
 envelope. Such a rejection is unauthenticated (`Rejected.verified` is False); the precheck only runs when the header
-names the libp2p publisher as sender and our swarm and version, so it never turns what would be a hard rejection into
-a soft one, and it reads the validator's state without changing it, so a forged header cannot spend anybody's budget.
+names the libp2p publisher as sender, our swarm and version, and a topic that fits its sender and kind, so it never
+turns what would be a hard rejection into a soft one, and it reads the validator's state without changing it, so a forged header cannot spend anybody's budget.
 
 `MessageValidator.check` raises only `Rejected`, whatever the input; the libp2p topic validator in `swarm.mesh` relies
 on that (a validator that raises anything else can take a py-libp2p host down).
 """
 from __future__ import annotations
 
+import heapq
 import logging
+import math
 import time
 from typing import Any
 
@@ -35,17 +48,20 @@ from protocol.messages import (
     MAX_CONFIG_ITEMS,
     MAX_MESSAGE_BYTES,
     MAX_ROLLOUTS,
+    Hello,
     Message,
     RolloutBatch,
 )
 
+from .shards import home_shard, lobby_topic, shard_topic
+
 log = logging.getLogger(__name__)
 
-REASONS: Final = ("size", "decode", "signature", "sender", "swarm", "version", "stale", "replay", "rate", "newcomer",
-                  "load")
+REASONS: Final = ("size", "decode", "signature", "sender", "swarm", "version", "topic", "stale", "replay", "rate",
+                  "newcomer", "load")
 # Reasons that prove the message is bad no matter who judges it: an honest forwarder (which runs the same checks)
 # never relays these, so they count against the forwarder as well as the publisher.
-HARD_REASONS: Final = frozenset({"size", "decode", "signature", "sender", "swarm", "version"})
+HARD_REASONS: Final = frozenset({"size", "decode", "signature", "sender", "swarm", "version", "topic"})
 # Soft reasons a relay is charged for (PeerStanding's relay budget): it handed us messages that were old, replayed or
 # over their sender's budget, which an honest relay (running these checks itself) only does now and then. Not
 # "newcomer" or "load": those follow from our own admission policy and load, which a relay cannot know.
@@ -179,11 +195,12 @@ class TokenBucket:
 
 
 class _SenderState:
-    __slots__ = ("seen", "floor", "msgs", "bytes", "first_seen")
+    __slots__ = ("seqs", "heap", "forgotten", "msgs", "bytes", "first_seen")
 
-    def __init__(self, limit: RateLimit, now: float) -> None:
-        self.seen: set[int] = set()  # recent accepted seqs (at most replay_window)
-        self.floor = -1  # every seq <= floor counts as seen
+    def __init__(self, limit: RateLimit, now: float, forgotten: float) -> None:
+        self.seqs: set[int] = set()  # seqs accepted within the replay horizon (MessageValidator doc)
+        self.heap: list[tuple[float, int]] = []  # (created_at, seq) of those, oldest message first
+        self.forgotten = forgotten  # a message created at or before this counts as seen: its entry may be gone
         self.first_seen = now
         self.msgs = TokenBucket(limit.msgs_per_s, limit.msgs_burst, now)
         self.bytes = TokenBucket(limit.bytes_per_s, limit.bytes_burst, now)
@@ -204,12 +221,23 @@ class _ForwarderBudget:
 
 
 class MessageValidator:
-    """Stateful checker: per-sender replay window and rate buckets live in a bounded LRU of senders.
+    """Stateful checker: per-sender replay memory and rate buckets live in a bounded LRU of senders.
 
-    Replay: gossip does not preserve order (a message can arrive later through IWANT), so instead of a strict
-    "seq > last" we accept a seq once if it is newer than the sender's `replay_window`-th newest accepted seq (the
-    IPsec anti-replay scheme). replay_window=1 is the strict high-water mark. A sender evicted from the LRU loses its
-    window; the stale check (max_age_s) and libp2p's seen-cache still bound what can be replayed then.
+    Replay: gossip does not preserve order, and under load a batch can arrive minutes late (IWANT, a slow relay), so
+    a count-based window (the 64 newest seqs, as before) refused delayed honest batches whose sender had published 64
+    newer messages meanwhile (8 of them in a loaded 16-node run). Instead the window is in time: a sender's accepted
+    (seq, created_at) are kept until created_at falls below `high-water clock - max_age_s`, i.e. until any copy would
+    be refused as stale; then the entry is dropped and the sender's `forgotten` line rises to its created_at. A
+    message is a replay if its seq is remembered or it was created at or before the forgotten line (which only
+    matters if our clock stepped back, or an entry was dropped early: below). So any exact copy of an accepted
+    message is refused for as long as it is fresh, and any message never seen is accepted whatever its order.
+
+    Memory: bounded by what the rate limits let in over max_age_s, and by caps: at most `replay_per_sender` entries
+    per sender and `replay_total` in all (~160 bytes each). Beyond a cap the oldest entries are dropped early (the
+    forgotten line rises, so copies of them are still refused; a still older honest batch arriving later would be
+    refused too, which is the price of the bound); a sender evicted from the LRU (max_senders, or the total cap)
+    leaves its line behind, at the newest message it had (one float per peer, for the last 4 x max_senders evicted;
+    older ones fold into a line every newly seen sender starts from), so replays stay refused across evictions.
     """
 
     def __init__(
@@ -221,16 +249,29 @@ class MessageValidator:
         max_clock_skew_s: float = 60.0,
         rate: RateLimit = RateLimit(),
         max_message_bytes: int = MAX_MESSAGE_BYTES,
-        replay_window: int = 64,
+        replay_per_sender: int = 4096,
+        replay_total: int = 131_072,
         max_senders: int = 4096,
+        shards: int = 1,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.swarm, self.version = swarm, version
         self.max_age_s, self.max_clock_skew_s = max_age_s, max_clock_skew_s
         self.rate = rate
         self.max_message_bytes = max_message_bytes
-        self.replay_window = max(1, replay_window)
+        self.replay_per_sender = max(1, replay_per_sender)
+        self.replay_total = max(self.replay_per_sender, replay_total)
+        self._remembered = 0  # entries over all senders
+        self._evicted: OrderedDict[str, float] = OrderedDict()  # evicted sender -> its forgotten line (class doc)
+        self._forgotten_all = -math.inf  # ... and where any other newly seen sender's line starts
+        self._high_water = -math.inf  # the latest our clock has read: the horizon never moves back with it
         self.max_senders = max_senders
+        self.shards = shards
+        # topic -> the home shard its messages must come from (None: the lobby, Hellos only); swarm.shards names
+        self._topics: dict[str, int | None] = {shard_topic(swarm, version, shards, i): i for i in range(shards)}
+        lobby = lobby_topic(swarm, version, shards)
+        if lobby is not None:
+            self._topics[lobby] = None
         self.clock = clock
         self.counts: dict[str, int] = {r: 0 for r in REASONS}
         self.accepted = 0
@@ -242,14 +283,16 @@ class MessageValidator:
         self._total_bytes = TokenBucket(rate.total_bytes_per_s, rate.total_bytes_burst, t0)
         self.prechecked = 0  # rejections decided from the header, before the signature check
 
-    def check(self, data: bytes, from_peer: str, forwarder: str | None = None, *, lagging: bool = False) -> Message:
+    def check(self, data: bytes, from_peer: str, forwarder: str | None = None, *, lagging: bool = False,
+              topic: str | None = None) -> Message:
         """The verified message, or Rejected(reason).
 
         `from_peer` is the libp2p original publisher (msg.from_id); `forwarder` the connected peer that relayed it
         (None: the publisher itself). `lagging`: the node cannot keep up, so rollout batches are shed ("load").
+        `topic`: the gossip topic it arrived on (None: not checked; several topics: pass them joined, e.g. by "|").
         """
         try:
-            msg = self._check(data, from_peer, from_peer if forwarder is None else forwarder, lagging)
+            msg = self._check(data, from_peer, from_peer if forwarder is None else forwarder, lagging, topic)
         except Rejected as r:
             self.counts[r.reason] = self.counts.get(r.reason, 0) + 1
             self.prechecked += not r.verified
@@ -262,14 +305,17 @@ class MessageValidator:
         self.accepted += 1
         return msg
 
-    def _check(self, data: bytes, from_peer: str, forwarder: str, lagging: bool) -> Message:
+    def _check(self, data: bytes, from_peer: str, forwarder: str, lagging: bool, topic: str | None) -> Message:
+        now = self._now()  # one clock reading per input, whatever it turns out to be
         if not isinstance(data, (bytes, bytearray)):
             raise Rejected("decode", "not bytes")
         if len(data) > self.max_message_bytes:
             raise Rejected("size", f"{len(data)} bytes")
         hdr = peek_header(data)
-        if hdr is not None and hdr.sender == from_peer and hdr.swarm == self.swarm and hdr.version == self.version:
-            self._precheck(hdr, len(data), forwarder, lagging)
+        # the header precheck (soft reasons only) runs only where no hard reason up to "topic" shows in the header
+        if (hdr is not None and hdr.sender == from_peer and hdr.swarm == self.swarm and hdr.version == self.version
+                and self._topic_problem(hdr.kind, hdr.sender, topic) is None):
+            self._precheck(hdr, len(data), forwarder, lagging, now)
         try:
             env = read_envelope(bytes(data))
         except ProtocolError as e:
@@ -283,8 +329,10 @@ class MessageValidator:
             raise Rejected(e.reason, str(e)) from None
         if msg.sender != from_peer:
             raise Rejected("sender", "signer is not the libp2p publisher")
+        problem = self._topic_problem("hello" if isinstance(msg, Hello) else "rollouts", msg.sender, topic)
+        if problem is not None:
+            raise Rejected("topic", problem)
 
-        now = self.clock()
         if not self._fresh(msg.created_at, now):
             raise Rejected("stale", f"created_at {msg.created_at:.3f}, now {now:.3f}")
 
@@ -293,13 +341,14 @@ class MessageValidator:
             if not self._admit.can_take(1, now):
                 raise Rejected("newcomer", "too many new senders")
             self._admit.take(1, now)
-            st = _SenderState(self.rate, now)
+            st = _SenderState(self.rate, now, max(self._forgotten_all,
+                                                  self._evicted.pop(msg.sender, -math.inf)))
             self._senders[msg.sender] = st
             while len(self._senders) > self.max_senders:
-                self._senders.popitem(last=False)
+                self._evict_sender()
         else:
             self._senders.move_to_end(msg.sender)
-        if self._replayed(st, msg.seq):
+        if self._replayed(st, msg.seq, msg.created_at):
             raise Rejected("replay", f"seq {msg.seq}")
 
         size = len(data)
@@ -321,18 +370,64 @@ class MessageValidator:
         self._total_msgs.take(1, now)
         self._total_bytes.take(size, now)
 
-        st.seen.add(msg.seq)
-        if len(st.seen) > self.replay_window:
-            oldest = min(st.seen)
-            st.seen.discard(oldest)
-            st.floor = max(st.floor, oldest)
+        self._remember(msg.sender, st, msg.seq, msg.created_at)
         return msg
+
+    def _now(self) -> float:
+        now = self.clock()
+        self._high_water = max(self._high_water, now)
+        return now
 
     def _fresh(self, created_at: float, now: float) -> bool:
         return now - self.max_age_s <= created_at <= now + self.max_clock_skew_s
 
-    def _replayed(self, st: _SenderState, seq: int) -> bool:
-        return seq <= st.floor or seq in st.seen or (len(st.seen) >= self.replay_window and seq < min(st.seen))
+    # ---- replay memory (class doc) ---------------------------------------------------------------------------
+
+    def _expire(self, st: _SenderState) -> None:
+        """Drop the entries any copy of which is stale by the high-water clock (their created_at lifts the line)."""
+        horizon = self._high_water - self.max_age_s
+        while st.heap and st.heap[0][0] < horizon:
+            self._drop_oldest(st)
+
+    def _drop_oldest(self, st: _SenderState) -> None:
+        created, seq = heapq.heappop(st.heap)
+        st.seqs.discard(seq)
+        st.forgotten = max(st.forgotten, created)
+        self._remembered -= 1
+
+    def _replayed(self, st: _SenderState, seq: int, created_at: float) -> bool:
+        self._expire(st)  # a function of our clock only: the header precheck may run it too
+        return seq in st.seqs or created_at <= st.forgotten
+
+    def _remember(self, sender: str, st: _SenderState, seq: int, created_at: float) -> None:
+        st.seqs.add(seq)
+        heapq.heappush(st.heap, (created_at, seq))
+        self._remembered += 1
+        while len(st.heap) > self.replay_per_sender:
+            self._drop_oldest(st)
+        while self._remembered > self.replay_total and len(self._senders) > 1:
+            self._evict_sender()  # least recently active first; `sender` is the most recent, so it stays
+
+    def _evict_sender(self) -> None:
+        sender, st = self._senders.popitem(last=False)
+        line = max([st.forgotten] + [c for c, _ in st.heap])
+        if line > -math.inf:
+            self._evicted[sender] = line
+            while len(self._evicted) > 4 * self.max_senders:
+                self._forgotten_all = max(self._forgotten_all, self._evicted.popitem(last=False)[1])
+        self._remembered -= len(st.heap)
+
+    def _topic_problem(self, kind: str, sender: str, topic: str | None) -> str | None:
+        """Why a message of `kind` from `sender` may not be on `topic` (None: it may; module doc)."""
+        if topic is None:
+            return None
+        if topic not in self._topics:
+            return f"topic {topic[:200]!r} is not one of this swarm's ({len(self._topics)} topics)"
+        shard = self._topics[topic]
+        if shard is None:
+            return None if kind == "hello" else "only Hellos go to the lobby"
+        home = home_shard(sender, self.shards)
+        return None if home == shard else f"sent to shard {shard}, but its sender's home shard is {home}"
 
     def _total_ok(self, size: int, young: bool, now: float) -> bool:
         r = self.rate
@@ -340,9 +435,9 @@ class MessageValidator:
         return ((r.total_msgs_per_s <= 0 or self._total_msgs.can_take(1 + floor * r.total_msgs_burst, now))
                 and (r.total_bytes_per_s <= 0 or self._total_bytes.can_take(size + floor * r.total_bytes_burst, now)))
 
-    def _precheck(self, hdr: Header, size: int, forwarder: str, lagging: bool) -> None:
-        """The stateful checks of `_check`, in the same order, on the unauthenticated header, reading state only."""
-        now = self.clock()
+    def _precheck(self, hdr: Header, size: int, forwarder: str, lagging: bool, now: float) -> None:
+        """The stateful checks of `_check`, in the same order, on the unauthenticated header, reading state only
+        (besides ageing out replay entries by our own clock, which does not depend on the message)."""
 
         def reject(reason: str, detail: str) -> Rejected:
             return Rejected(reason, detail + " (header, before the signature check)", verified=False)
@@ -355,7 +450,7 @@ class MessageValidator:
                 raise reject("newcomer", "too many new senders")
             young = self.rate.probation_s > 0  # a new sender starts with at least one message of budget
         else:
-            if self._replayed(st, hdr.seq):
+            if self._replayed(st, hdr.seq, hdr.created_at):
                 raise reject("replay", f"seq {hdr.seq}")
             if not (st.msgs.can_take(1, now) and st.bytes.can_take(size, now)):
                 raise reject("rate", f"{size} bytes")

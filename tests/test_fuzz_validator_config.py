@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import heapq
 import json
 import math
 from pathlib import Path
@@ -144,7 +145,7 @@ _STEP = st.tuples(
 def test_stateful_validator_agrees_with_the_model(steps):
     clock = Clock()
     v = MessageValidator(fv.SWARM, PROTOCOL_VERSION, max_age_s=fv.MAX_AGE_S, max_clock_skew_s=fv.SKEW_S,
-                         rate=fv.RATE, replay_window=fv.WINDOW, clock=clock)
+                         rate=fv.RATE, clock=clock)
     model = fv.Model()
     idents = [IDENT, OTHER]
     newest = [100, 100]
@@ -179,8 +180,8 @@ def test_validator_fuzz_driver_is_clean_and_reaches_every_path():
     assert res.inputs == 3000
     assert res.crashes == 0 and res.accepted_invalid == 0 and res.rejected_valid == 0, res.examples
     assert res.accepted_valid > 100
-    assert all(res.reasons[r] > 0 for r in ("decode", "signature", "sender", "swarm", "version", "stale", "replay",
-                                            "rate")), res.reasons
+    assert all(res.reasons[r] > 0 for r in ("decode", "signature", "sender", "swarm", "version", "topic", "stale",
+                                            "replay", "rate")), res.reasons
 
 
 def test_validator_fuzz_script_output_and_exit_code(capsys):
@@ -192,9 +193,10 @@ def test_validator_fuzz_script_output_and_exit_code(capsys):
     assert capsys.readouterr().out.splitlines()[0] == "inputs=300 crashes=0 accepted_invalid=0"
 
 
-@pytest.mark.parametrize("broken", ["no-stale-check", "no-replay-memory", "no-rate-limit", "no-total-limit"])
+@pytest.mark.parametrize("broken", ["no-stale-check", "no-replay-memory", "short-replay-memory", "no-rate-limit",
+                                    "no-total-limit", "no-topic-check"])
 def test_validator_fuzz_driver_catches_a_permissive_validator(broken, capsys):
-    kw = dict(max_age_s=fv.MAX_AGE_S, max_clock_skew_s=fv.SKEW_S, rate=fv.RATE, replay_window=fv.WINDOW)
+    kw = dict(max_age_s=fv.MAX_AGE_S, max_clock_skew_s=fv.SKEW_S, rate=fv.RATE, shards=fv.SHARDS)
     if broken == "no-stale-check":
         kw.update(max_age_s=1e12, max_clock_skew_s=1e12)
     elif broken == "no-replay-memory":
@@ -205,10 +207,24 @@ def test_validator_fuzz_driver_catches_a_permissive_validator(broken, capsys):
         kw.update(rate=dataclasses.replace(fv.RATE, total_msgs_per_s=0, total_bytes_per_s=0))
     h = fv.Harness(seed=5)
     h.validator = MessageValidator(fv.SWARM, PROTOCOL_VERSION, clock=h.clock, **kw)
+    if broken == "short-replay-memory":  # freshness as specified, but entries forgotten after a tenth of it
+        h.validator._expire = _short_expire(h.validator)
+    elif broken == "no-topic-check":
+        h.validator._topic_problem = lambda kind, sender, topic: None
     res = h.run(1500)
     assert res.accepted_invalid > 0 and res.crashes == 0
     assert fv.report(res) == 1
     assert "accepted_invalid=0" not in capsys.readouterr().out
+
+
+def _short_expire(v: MessageValidator):
+    """An _expire that forgets entries (and does not raise the forgotten line) after a tenth of max_age_s."""
+    def expire(st) -> None:
+        while st.heap and st.heap[0][0] < v._high_water - v.max_age_s / 10:
+            created, seq = heapq.heappop(st.heap)
+            st.seqs.discard(seq)
+            v._remembered -= 1
+    return expire
 
 
 def test_validator_fuzz_driver_counts_crashes_hidden_by_the_catch_all(monkeypatch):

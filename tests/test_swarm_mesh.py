@@ -126,7 +126,7 @@ async def test_bad_messages_rejected_counted_and_not_forwarded() -> None:
 
             sb = b.stats()
             assert sb["rejections_by_reason"] == {"size": 1, "decode": 1, "signature": 2, "sender": 1, "swarm": 1,
-                                                  "version": 1, "stale": 1, "replay": 1, "rate": 0, "newcomer": 0,
+                                                  "version": 1, "topic": 0, "stale": 1, "replay": 1, "rate": 0, "newcomer": 0,
                                                   "load": 0}
             assert sb["accepted"] == 2
             assert sum(c.stats()["rejections_by_reason"].values()) == 0
@@ -398,4 +398,86 @@ async def test_aborting_a_connection_drops_the_peer() -> None:
         # b may redial a at once (a is its bootstrap), so check that the aborted connections are gone, not the peer
         await wait_until(lambda: not any(c in conns for c in a._host.get_network().get_connections(
             ID.from_base58(b.peer_id))), timeout=10)
+        n.cancel_scope.cancel()
+
+
+async def test_a_delayed_honest_batch_gets_through_and_every_replay_does_not() -> None:
+    """A publisher's batch delayed behind 100 newer ones (a slow relay, a late IWANT) is delivered; each exact copy
+    is refused. The old replay window (the 64 newest seqs per sender) refused the delayed batch."""
+    async with trio.open_nursery() as n:
+        fast = dict(rate_msgs_per_s=1000.0, rate_msgs_burst=1000.0, rate_bytes_per_s=1e9, rate_bytes_burst=1e9,
+                    total_msgs_per_s=1000.0, total_msgs_burst=1000.0)
+        b = await start(n, **fast)
+        c = await start(n, b, **fast)
+        await wait_until(lambda: b.peers() and c.peers())
+        pub = RawPublisher(Identity.generate(), topic_for(SWARM))
+        async with pub.running():
+            bpid = await pub.connect(b.listen_addrs()[0])
+            await pub.wait_subscribed(bpid)
+            await wait_until(lambda: pub.identity.peer_id in b.peers())
+            await trio.sleep(1.0)
+            t0 = time.time()
+            delayed = seal(make_batch(pub.identity, SWARM, round=0, seq=1_000, created_at=t0 - 30), pub.identity)
+            newer = [seal(make_batch(pub.identity, SWARM, round=r, seq=1_000 + r, created_at=t0 - 30 + r / 10),
+                          pub.identity) for r in range(1, 101)]
+            for i in range(0, 100, 10):  # in steps: a stock publisher's per-peer queue holds 32 RPCs
+                for data in newer[i:i + 10]:
+                    await pub.publish(data)
+                await wait_until(lambda: b.stats()["accepted"] >= i + 10)
+            got = await collect(c, 100, timeout=30)
+            assert len(got) == 100, (b.stats()["rejections_by_reason"], b.stats()["accepted"], c.stats()["accepted"])
+            await pub.publish(delayed)
+            late = await collect(c, 1)
+            assert [r.batch.round for r in late] == [0]  # through B (validated, forwarded) to C
+            for data in (delayed, newer[0], newer[50], newer[-1]):  # same envelopes, new libp2p messages
+                await pub.publish(data)
+            await pub.publish(seal(make_batch(pub.identity, SWARM, round=101), pub.identity))
+            assert [r.batch.round for r in await collect(c, 1)] == [101]
+            await trio.sleep(0.5)
+            assert drain(c) == []
+            assert b.stats()["rejections_by_reason"]["replay"] == 4
+            assert sum(c.stats()["rejections_by_reason"].values()) == 0  # B forwarded none of them
+            assert b.stats()["accepted"] == 102
+        n.cancel_scope.cancel()
+
+
+async def test_a_batch_off_its_senders_home_shard_or_on_the_lobby_is_rejected_and_struck() -> None:
+    """A peer publishes valid, signed batches to a shard that is not its home and to the lobby (so every node in the
+    swarm would take them in): rejected as "topic" (hard: publisher and relay are struck), never delivered nor
+    forwarded; its batches on its home shard still arrive."""
+    from swarm.shards import home_shard, lobby_topic, shard_topic
+
+    def on_shard(shard: int) -> Identity:
+        while True:
+            ident = Identity.generate()
+            if home_shard(ident.peer_id, 2) == shard:
+                return ident
+
+    async with trio.open_nursery() as n:
+        sharded = dict(shards=2, shard_fanin=2)  # B and C listen to both shards and the lobby
+        b = await start(n, **sharded)
+        c = await start(n, b, **sharded)
+        await wait_until(lambda: b.peers() and c.peers())
+        topics = [shard_topic(SWARM, 1, 2, i) for i in range(2)]
+        lobby = lobby_topic(SWARM, 1, 2)
+        pub = RawPublisher(on_shard(0), topics[0])
+        async with pub.running():
+            bpid = await pub.connect(b.listen_addrs()[0])
+            await pub.wait_subscribed(bpid)
+            await wait_until(lambda: pub.identity.peer_id in b.peers())
+            await trio.sleep(1.0)
+            ident = pub.identity
+            await pub.pubsub.publish(topics[1], seal(make_batch(ident, SWARM, round=1), ident))  # not its home
+            await pub.pubsub.publish(lobby, seal(make_batch(ident, SWARM, round=2), ident))  # lobby: Hellos only
+            await pub.pubsub.publish(topics[0], seal(make_batch(ident, SWARM, round=3), ident))  # its home: fine
+            got = await collect(c, 1)
+            assert [r.batch.round for r in got] == [3]
+            await trio.sleep(1.0)
+            assert drain(c) == [] and [r.batch.round for r in drain(b)] == [3]
+            sb = b.stats()
+            assert sb["rejections_by_reason"]["topic"] == 2 and sb["strikes"][ident.peer_id] == 2
+            assert sum(c.stats()["rejections_by_reason"].values()) == 0
+            for r in range(10):  # more of the same: banned like any peer sending what no honest node sends
+                await pub.pubsub.publish(topics[1], seal(make_batch(ident, SWARM, round=10 + r), ident))
+            await wait_until(lambda: ident.peer_id in b.stats()["banned"])
         n.cancel_scope.cancel()
