@@ -103,6 +103,9 @@ def git_state() -> str:
     """The commit the nodes ran, and whether the tree had uncommitted changes (others edit it too)."""
     import subprocess
 
+    snap = ROOT / "SNAPSHOT"  # a `git archive` copy that experiments run from, so edits in progress can't reach them
+    if snap.exists():
+        return snap.read_text().strip()
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip()
