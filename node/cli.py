@@ -94,6 +94,7 @@ HELP = {
     "status_port": "Serve JSON status on 127.0.0.1:PORT (0 = off).",
     "offline": "Do not join any mesh: plain single-node RL.",
     "mdns": "Also find peers on the local network by mDNS (multicast; off by default).",
+    "max_peers": "Peer exchange dials new peers until this many connections (peers dialing in are always accepted).",
     "min_peers": "Wait for this many peers before the first round (0 = start at once).",
     "peer_wait_s": "Longest wait for --min-peers before training alone.",
     "shards": "Gossip topic shards, swarm-wide (1 = every node hears every node). A node publishes to its home shard "
@@ -119,9 +120,15 @@ def _load_config_file(ctx: click.Context, _param: click.Parameter, value: str | 
     return value
 
 
-def node_options(f):
-    """Adds one option per NodeConfig field, each with its SWARM_NODE_<NAME> env var."""
-    for name in reversed(list(FIELDS)):
+# the settings of `swarm-node relay` (no model, no training): the swarm's, identity, status, log
+RELAY_SETTINGS = ("swarm", "bootstrap", "listen", "identity", "status_port", "mdns", "max_peers", "shards",
+                  "shard_fanin", "shard_rotate_rounds", "ping_interval_s", "ping_timeout_s", "max_staleness_s",
+                  "log_file")
+
+
+def node_options(f, names: tuple[str, ...] | None = None):
+    """Adds one option per NodeConfig field (or per one of `names`), each with its SWARM_NODE_<NAME> env var."""
+    for name in reversed([n for n in FIELDS if names is None or n in names]):
         field = FIELDS[name]
         flag = "--" + name.replace("_", "-")
         env = "SWARM_NODE_" + name.upper()
@@ -165,6 +172,17 @@ def join(print_config: bool, **kwargs: Any) -> None:
     from node.app import run_join
 
     sys.exit(run_join(cfg))
+
+
+@main.command()
+@(lambda f: node_options(f, RELAY_SETTINGS))
+def relay(**kwargs: Any) -> None:
+    """Run a relay: no model, no torch. It joins the swarm, validates and forwards its messages and helps peers find
+    each other (a bootstrap address for the swarm), with the same identity, limits, bans and --status-port as a node."""
+    cfg = _build_config(kwargs)
+    from node.relay import run_relay  # protocol + swarm only: never imports torch
+
+    sys.exit(run_relay(cfg))
 
 
 @main.command()

@@ -159,6 +159,7 @@ class NodeConfig:
     peer_wait_s: float = 60.0  # ... but no longer than this; then train alone
     offline: bool = False  # no mesh at all: plain single-node RL
     mdns: bool = False  # also discover peers on the LAN by multicast DNS
+    max_peers: int = 32  # peer exchange dials until this many connections (inbound dials are always accepted)
     # topic sharding (swarm.shards, docs/scale.md): swarm-wide; 1 = every node hears every node, as before
     shards: int = 1
     shard_fanin: int = 2  # shards a node listens to: its home shard + (fanin - 1) rotating others
@@ -206,6 +207,7 @@ class NodeConfig:
             (self.ping_interval_s >= 0 and self.ping_timeout_s > 0,
              "--ping-interval-s must be >= 0 (0 = no liveness pings) and --ping-timeout-s > 0"),
             (self.min_peers >= 0 and self.peer_wait_s >= 0, "--min-peers and --peer-wait-s must be >= 0"),
+            (self.max_peers >= 1, "--max-peers must be >= 1"),
             (bool(self.swarm) and len(self.swarm) <= 64 and self.swarm.replace("-", "").replace("_", "").replace(".", "").isalnum(),
              "--swarm must be 1-64 characters of letters, digits, '-', '_' or '.'"),
         ]

@@ -254,7 +254,8 @@ class NodeRuntime:
                     self.identity,
                     MeshConfig(
                         swarm=self.cfg.swarm, listen=self.cfg.listen, bootstrap=tuple(self.cfg.bootstrap),
-                        max_age_s=self.cfg.max_staleness_s, mdns=self.cfg.mdns, shards=self.cfg.shards,
+                        max_age_s=self.cfg.max_staleness_s, mdns=self.cfg.mdns, max_peers=self.cfg.max_peers,
+                        shards=self.cfg.shards,
                         shard_fanin=self.cfg.shard_fanin, shard_rotate_rounds=self.cfg.shard_rotate_rounds,
                         ping_interval_s=self.cfg.ping_interval_s, ping_timeout_s=self.cfg.ping_timeout_s,
                     ),

@@ -63,6 +63,8 @@ def fetch_status(port: int, host: str = "127.0.0.1", timeout: float = 3.0) -> di
 
 def format_status(s: dict[str, Any]) -> str:
     """A readable summary of one node's status document."""
+    if s.get("role") == "relay":
+        return _format_relay(s)
     last = s.get("last_round") or {}
     hist = [r for _, r in s.get("reward_history", [])]
     recent = sum(hist[-20:]) / len(hist[-20:]) if hist else float("nan")
@@ -80,3 +82,16 @@ def format_status(s: dict[str, Any]) -> str:
         "rejected " + (", ".join(f"{k}={v}" for k, v in sorted(rej.items()) if v) or "none"),
     ]
     return "\n".join(lines)
+
+
+def _format_relay(s: dict[str, Any]) -> str:
+    rej = s.get("rejections", {})
+    proc = s.get("process", {})
+    return "\n".join([
+        f"relay    {s.get('peer_id')}  swarm={s.get('swarm')}",
+        f"listen   {', '.join(s.get('listen_addrs', [])[:2])}",
+        f"peers    {len(s.get('peers', []))}   batches relayed {s.get('batches_seen', 0)} from "
+        f"{len(s.get('received_from', {}))} senders   up {s.get('uptime_s', 0):.0f}s",
+        f"process  {proc.get('rss_mb')} MB resident, {proc.get('cpu_s')} s CPU",
+        "rejected " + (", ".join(f"{k}={v}" for k, v in sorted(rej.items()) if v) or "none"),
+    ])
