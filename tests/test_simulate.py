@@ -35,3 +35,29 @@ def test_simulate_three_nodes_exchange_rollouts_and_write_summary_and_plot(tmp_p
 
     assert max(r["n_local"] + r["n_external"] for r in rows(0)) > 8
     assert max(r["n_local"] + r["n_external"] for r in rows(1)) <= 8
+
+
+def test_compare_isolated_runs_the_same_nodes_alone_then_together_and_writes_the_ratios(tmp_path):
+    out = tmp_path / "cmp"
+    res = subprocess.run([sys.executable, "-m", "node.cli", "simulate", "--nodes", "2", "--rounds", "4", "--out", str(out),
+                          "--compare-isolated", "--eval-every", "2", "--extra=--eval-size=20"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    doc = json.loads((out / "compare.json").read_text())
+
+    def rows(run: str, i: int) -> list[dict]:
+        return [json.loads(x) for x in (out / run / f"node-{i}" / "metrics.jsonl").read_text().splitlines()]
+
+    iso = [rows("isolated", i) for i in range(2)]
+    sw = [rows("swarm", i) for i in range(2)]
+    assert all(len(r) == 4 for r in iso + sw)
+    # isolated: no mesh, no peers' groups; together: the same seeds, and peers' groups were trained on
+    assert all(x["peers"] == 0 and x["n_external"] == 0 for r in iso for x in r)
+    assert sum(x["n_external"] for r in sw for x in r) > 0
+    cum = lambda runs: sum(x["reward_mean"] for r in runs for x in r)  # noqa: E731
+    assert doc["reward_ratio"] == pytest.approx(cum(sw) / cum(iso))
+    final = lambda runs: sum(r[-1]["heldout_acc"] for r in runs) / len(runs)  # noqa: E731
+    assert doc["heldout_ratio"] == pytest.approx(final(sw) / final(iso))
+    assert "reward" in res.stdout and f"{doc['reward_ratio']:.2f}x" in res.stdout
+    png = (out / "compare.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
