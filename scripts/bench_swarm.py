@@ -17,6 +17,10 @@ Unless --no-baseline, the same swarm runs a second time with `--share none --ext
 defaults): the same mesh (bootstrap, hellos, heartbeats, status polls) and the same training budget per round, but no
 rollout gossip. CPU above that baseline is charged to the rollout messages.
 
+--relays K also runs K `swarm-node relay` processes (no model: ~90 MB each, docs/scale.md) in the same swarm; relay 0
+is then everyone's bootstrap. They are sampled like the nodes (CPU, resident memory, status) and reported on their own
+(bench.json "relays"); the columns below are the training nodes'.
+
 Columns (DIR/bench.json has these and per-node / per-pair detail; warnings go to stderr and into "problems"):
 
 delivery      Batch level, from mesh counters. A node has "joined" at the first sweep whose status lists >= 1 peer; the
@@ -88,7 +92,8 @@ sys.path.insert(0, str(ROOT))
 from node.config import NodeConfig  # noqa: E402
 from protocol.messages import MAX_ROLLOUTS  # noqa: E402
 from swarm.shards import home_shard  # noqa: E402
-from tests.join_procs import JoinProc, make_nodes  # noqa: E402
+from node.cli import RELAY_SETTINGS  # noqa: E402
+from tests.join_procs import JoinProc, make_nodes, make_relays  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 DEFAULTS = NodeConfig()
@@ -131,6 +136,17 @@ def _slim_status(s: dict | None) -> dict | None:
     }
 
 
+def _rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def _sample(node: JoinProc) -> dict | None:
     if node.proc is None or node.proc.returncode is not None:
         return None
@@ -141,7 +157,7 @@ def _sample(node: JoinProc) -> dict | None:
     if cpu is None:
         return None
     # the status snapshot was taken somewhere in [t0, t1]
-    return {"t": t0, "t1": time.time(), "cpu": cpu, "main_cpu": main, "st": st}
+    return {"t": t0, "t1": time.time(), "cpu": cpu, "main_cpu": main, "rss_mb": _rss_mb(pid), "st": st}
 
 
 def _reap(node: JoinProc, rusage: dict) -> bool:
@@ -173,27 +189,38 @@ def _terminate(nodes: list[JoinProc], rusage: dict, grace: float = 60.0) -> None
 # ---- one swarm run -----------------------------------------------------------------------------------------------
 
 
+def _relay_flags(extra: list[str]) -> list[str]:
+    """The --extra flags a relay takes too (--shards=4, ...): the swarm's settings, not the training ones."""
+    names = {"--" + n.replace("_", "-") for n in RELAY_SETTINGS}
+    return [x for x in extra if x.split("=", 1)[0] in names]
+
+
 def run_swarm(n: int, rounds: int, out: Path, *, share: bool, timeout: float, poll: float,
-              extra: list[str]) -> dict[str, Any]:
+              extra: list[str], relays: int = 0) -> dict[str, Any]:
     if out.exists():  # a previous bench in the same --out: identities and checkpoints must be fresh
         shutil.rmtree(out)
     out.mkdir(parents=True)
     swarm = f"bench-{secrets.token_hex(4)}"
     nodes = make_nodes(out, [f"node-{i}" for i in range(n)])
+    relay_procs = make_relays(out, [f"relay-{i}" for i in range(relays)])
     for nd in nodes:
         nd.metrics_path.unlink(missing_ok=True)
     mode = [] if share else ["--share", "none", "--external", "0", "--local", str(DEFAULTS.local + DEFAULTS.external)]
-    samples: dict[str, list[dict]] = {nd.name: [] for nd in nodes}
+    samples: dict[str, list[dict]] = {nd.name: [] for nd in nodes + relay_procs}
     sweeps: list[float] = []
     rusage: dict[str, float] = {}
     timed_out = False
     t_start = time.time()
     try:
+        # with relays, relay 0 is everyone's bootstrap (seed duty); without, node 0 is
+        seed = relay_procs[0].addr if relay_procs else nodes[0].addr
+        for i, rp in enumerate(relay_procs):
+            rp.start(swarm, [] if i == 0 else [seed], _relay_flags(extra))
         for i, nd in enumerate(nodes):
-            nd.start(swarm, [] if i == 0 else [nodes[0].addr],
+            nd.start(swarm, [] if nd.addr == seed else [seed],
                      ["--rounds", str(rounds), "--seed", str(i), *mode, *extra])
         deadline = time.monotonic() + timeout
-        with ThreadPoolExecutor(max_workers=n) as pool:
+        with ThreadPoolExecutor(max_workers=n + relays) as pool:
             while True:
                 done = [_reap(nd, rusage) for nd in nodes]
                 if all(done):
@@ -203,17 +230,17 @@ def run_swarm(n: int, rounds: int, out: Path, *, share: bool, timeout: float, po
                     break
                 k = len(sweeps)
                 sweeps.append(time.time())
-                for nd, s in zip(nodes, pool.map(_sample, nodes)):
+                for nd, s in zip(nodes + relay_procs, pool.map(_sample, nodes + relay_procs)):
                     if s is not None:
                         s["k"] = k
                         samples[nd.name].append(s)
                 alive = sum(not d for d in done)
-                st = [s[-1]["st"] for s in samples.values() if s and s[-1]["st"] and s[-1]["k"] == k]
+                st = [s[-1]["st"] for s in (samples[nd.name] for nd in nodes) if s and s[-1]["st"] and s[-1]["k"] == k]
                 print(f"\r  {'share' if share else 'base '} N={n} t={time.time() - t_start:5.0f}s alive={alive} "
                       f"rounds={[x['round'] for x in st]}   ", end="", file=sys.stderr, flush=True)
                 time.sleep(poll)
     finally:
-        _terminate(nodes, rusage)
+        _terminate(nodes + relay_procs, rusage)
         print(file=sys.stderr)
     run = {
         "swarm": swarm, "share": share, "rounds": rounds, "timed_out": timed_out, "sweeps": sweeps, "elapsed_s": round(time.time() - t_start, 1),
@@ -221,6 +248,10 @@ def run_swarm(n: int, rounds: int, out: Path, *, share: bool, timeout: float, po
                    "lifetime_cpu_s": rusage.get(nd.name), "samples": samples[nd.name], "metrics": nd.metrics(),
                    "log_tail": nd.output()[-1500:] if nd.proc.returncode not in (0,) else ""}
                   for nd in nodes],
+        "relays": [{"name": rp.name, "peer_id": rp.identity.peer_id, "rc": rp.proc.returncode,
+                    "lifetime_cpu_s": rusage.get(rp.name), "samples": samples[rp.name],
+                    "log_tail": rp.output()[-1500:] if rp.proc.returncode not in (0,) else ""}
+                   for rp in relay_procs],
     }
     (out / "raw.json").write_text(json.dumps(run))  # re-analyze later with --reanalyze
     return run
@@ -447,6 +478,27 @@ def _f(x: Any, nd: int = 2) -> str:
     return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
 
+def analyze_relays(run: dict) -> dict[str, Any] | None:
+    """Per relay: resident memory (max over samples) and CPU share of one core over its sampled span."""
+    out = []
+    for rp in run.get("relays", []):
+        ss = [x for x in rp["samples"] if x.get("cpu") is not None]
+        if len(ss) < 2:
+            continue
+        span = ss[-1]["t"] - ss[0]["t"]
+        last = next((x["st"] for x in reversed(ss) if x.get("st")), None) or {}
+        out.append({"name": rp["name"], "rc": rp["rc"], "rss_mb": max(x["rss_mb"] or 0 for x in ss),
+                    "cpu_pct": round(100 * (ss[-1]["cpu"] - ss[0]["cpu"]) / span, 2) if span > 0 else None,
+                    "peers": last.get("n_peers"), "rejections": last.get("rejections")})
+    if not out:
+        return None
+    cpus = [x["cpu_pct"] for x in out if x["cpu_pct"] is not None]
+    return {"count": len(out), "rss_mb_mean": round(statistics.mean(x["rss_mb"] for x in out), 1),
+            "rss_mb_max": round(max(x["rss_mb"] for x in out), 1),
+            "cpu_pct_mean": round(statistics.mean(cpus), 2) if cpus else None,
+            "cpu_pct_max": max(cpus) if cpus else None, "relays": out}
+
+
 def row(r: dict) -> str:
     a, c = r["share"], r["cpu"]
     secs = f"{r['elapsed_s']['share']:.0f}" + (f"+{r['elapsed_s']['base']:.0f}" if "base" in r["elapsed_s"] else "")
@@ -470,7 +522,7 @@ def bench(n: int, args: argparse.Namespace) -> dict[str, Any]:
                 runs[name] = json.loads((out / name / "raw.json").read_text())
         else:
             runs[name] = run_swarm(n, args.rounds, out / name, share=name == "share", timeout=args.timeout,
-                                   poll=args.poll, extra=args.extra)
+                                   poll=args.poll, extra=args.extra, relays=args.relays)
     if "share" not in runs:
         raise SystemExit(f"--reanalyze: no {out / 'share' / 'raw.json'}")
     rounds = runs["share"].get("rounds", args.rounds)
@@ -497,7 +549,11 @@ def bench(n: int, args: argparse.Namespace) -> dict[str, Any]:
             problems.append(f"{p['node']}: rejected honest peers' messages {p['rejections']}, bans {p['bans']}")
         if p.get("joined") and p["max_peers"] < n - 1:
             problems.append(f"{p['node']}: saw at most {p['max_peers']} of {n - 1} peers")
-    return {"n": n, "rounds": rounds, "share": share, "cpu": cpu, "problems": problems,
+    relays = analyze_relays(runs["share"])
+    for rp in runs["share"].get("relays", []):
+        if rp["rc"] != 0:
+            problems.append(f"share/{rp['name']} exited rc={rp['rc']}: {rp['log_tail'][-400:]}")
+    return {"n": n, "rounds": rounds, "share": share, "cpu": cpu, "problems": problems, "relays": relays,
             "elapsed_s": {k: v["elapsed_s"] for k, v in runs.items()},
             "swarms": {k: v["swarm"] for k, v in runs.items()}, "out": str(out)}
 
@@ -512,6 +568,9 @@ def main() -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip the --share none run (no CPU attribution)")
     ap.add_argument("--reanalyze", action="store_true", help="recompute the table from DIR/nN/*/raw.json, run nothing")
     ap.add_argument("--extra", action="append", default=[], help="extra flag for every node, e.g. --extra=--group-size=4")
+    ap.add_argument("--relays", type=int, default=0,
+                    help="also run this many `swarm-node relay` processes (relay 0 is everyone's bootstrap); "
+                         "--nodes counts the training nodes; --extra flags a relay takes (--shards=...) reach them too")
     args = ap.parse_args()
     if min(args.nodes) < 2:
         ap.error("--nodes must be >= 2")
@@ -528,6 +587,11 @@ def main() -> int:
     print(RULE)
     for r in results:
         print(row(r))
+    for r in results:
+        if r.get("relays"):
+            x = r["relays"]
+            print(f"N={r['n']} + {x['count']} relays: {x['rss_mb_mean']} MB resident each (max {x['rss_mb_max']}), "
+                  f"{x['cpu_pct_mean']} % of a core each (max {x['cpu_pct_max']})")
     print(f"\nwrote {out / 'bench.json'}")
     return 1 if any(r["problems"] for r in results) else 0
 

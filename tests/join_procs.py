@@ -79,6 +79,23 @@ class JoinProc:
         return p.read_text()[-3000:] if p.exists() else ""
 
 
+@dataclass
+class RelayProc(JoinProc):
+    """A `swarm-node relay` process (no model): same helpers, its own command line."""
+
+    def command(self, swarm: str, bootstrap: list[str], extra: list[str]) -> list[str]:
+        return [
+            sys.executable, "-m", "node.cli", "relay", "--swarm", swarm,
+            "--listen", f"/ip4/127.0.0.1/tcp/{self.p2p_port}", "--status-port", str(self.status_port),
+            "--identity", str(self.dir / "identity.key"), "--log-file", str(self.dir / "relay.log"),
+            *[x for b in bootstrap for x in ("--bootstrap", b)], *extra,
+        ]
+
+
+def make_relays(tmp: Path, names: list[str]) -> list[RelayProc]:
+    return [RelayProc(n.name, n.dir, n.identity, n.p2p_port, n.status_port) for n in make_nodes(tmp, names)]
+
+
 def make_nodes(tmp: Path, names: list[str]) -> list[JoinProc]:
     ports = free_ports(2 * len(names))
     nodes = []

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import secrets
 import signal
-import sys
-from dataclasses import dataclass
 
 import pytest
 import trio
@@ -13,25 +11,13 @@ import trio
 from protocol.envelope import seal
 from swarm.mesh import topic_for
 from swarm.testing import RawPublisher, forge_signature, make_batch
-from tests.join_procs import JoinProc, make_nodes, wait_for
+from tests.join_procs import RelayProc, make_nodes, make_relays, wait_for
 
 pytestmark = pytest.mark.slow
 
 
-@dataclass
-class RelayProc(JoinProc):
-    def command(self, swarm: str, bootstrap: list[str], extra: list[str]) -> list[str]:
-        return [
-            sys.executable, "-m", "node.cli", "relay", "--swarm", swarm,
-            "--listen", f"/ip4/127.0.0.1/tcp/{self.p2p_port}", "--status-port", str(self.status_port),
-            "--identity", str(self.dir / "identity.key"), "--log-file", str(self.dir / "relay.log"),
-            *[x for b in bootstrap for x in ("--bootstrap", b)], *extra,
-        ]
-
-
 def relay_in(tmp, name: str = "relay") -> RelayProc:
-    node = make_nodes(tmp, [name])[0]
-    return RelayProc(node.name, node.dir, node.identity, node.p2p_port, node.status_port)
+    return make_relays(tmp, [name])[0]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
