@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import secrets
 import signal
+import subprocess
+import sys
 
 import pytest
 import trio
@@ -47,6 +49,10 @@ def test_relay_runs_without_torch_bans_a_forger_and_stops_cleanly(tmp_path, sig)
         s = r.status()
         assert s["rejections"]["signature"] >= 11 and evil_id in s["mesh"]["banned"]
         assert s["process"]["torch_loaded"] is False
+        shown = subprocess.run([sys.executable, "-m", "node.cli", "status", str(r.status_port)], capture_output=True,
+                               text=True, timeout=60)
+        assert shown.returncode == 0 and f"relay    {r.identity.peer_id}" in shown.stdout
+        assert "signature=" in shown.stdout and " MB resident" in shown.stdout
     finally:
         rc = r.stop(sig, timeout=30)
     out = r.output()
