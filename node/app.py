@@ -81,6 +81,12 @@ def run_join(cfg: NodeConfig) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a per-load progress bar is noise in a node's output
+        from node.memory_plan import GiB, check_before_load
+
+        planned = check_before_load(cfg)  # before any weight is read: a run that cannot fit ends here, in one sentence
+        if planned is not None and planned.available is not None:
+            view.message(f"memory plan: about {planned.peak / GiB:.1f} GiB at peak, {planned.available / GiB:.1f} GiB "
+                         f"free on {planned.device_name} (see --dry-run)")
         t0 = time.monotonic()
         policy = load_policy(cfg.model, device=cfg.device, dtype=cfg.dtype)
         view.message(f"model {cfg.model} on {policy.device} ({policy.dtype}), loaded in {time.monotonic() - t0:.1f}s; log: {log_path}")

@@ -161,9 +161,15 @@ def main() -> None:
 @main.command()
 @node_options
 @click.option("--print-config", is_flag=True, help="Print the resolved settings as JSON and exit.")
-def join(print_config: bool, **kwargs: Any) -> None:
+@click.option("--dry-run", is_flag=True, help="Print the memory plan (peak memory against what the device has free; "
+              "no model weights are loaded) and exit: 0 if it fits, 1 if not.")
+def join(print_config: bool, dry_run: bool, **kwargs: Any) -> None:
     """Run a node: train, share rollouts, learn from peers'. Runs alone when no peer answers."""
     cfg = _build_config(kwargs)
+    if dry_run:
+        from node.memory_plan import run_dry_run
+
+        sys.exit(run_dry_run(cfg))
     if print_config:
         import json
 

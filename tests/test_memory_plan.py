@@ -1,0 +1,119 @@
+"""node.memory_plan: the shape arithmetic matches real models, and `join` refuses a run that will not fit, in one
+sentence naming settings that would, before any weight is read (`join --dry-run` prints the plan)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, Qwen2Config, Qwen2ForCausalLM, Qwen3Config
+
+from node.memory_plan import GiB, ModelShape, Settings, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+QWEN05 = dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+              intermediate_size=4864, tie_word_embeddings=True)
+QWEN15 = dict(vocab_size=151936, hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+              intermediate_size=8960, tie_word_embeddings=True)
+
+
+def meta_params(config) -> int:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # shapes only: no memory
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("config", [
+    Qwen2Config(**QWEN05), Qwen2Config(**QWEN15),
+    LlamaConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4,
+                intermediate_size=700, tie_word_embeddings=False),
+    Qwen3Config(vocab_size=1000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=96, intermediate_size=512, tie_word_embeddings=True),
+], ids=["qwen2.5-0.5b", "qwen2.5-1.5b", "llama-untied", "qwen3-head-dim"])
+def test_parameter_count_matches_the_model(config):
+    shape = ModelShape.from_config(config)
+    assert shape.params == meta_params(config)
+    # and from a config.json dict, as the plan reads it before anything loads
+    assert ModelShape.from_config(json.loads(config.to_json_string())).params == shape.params
+
+
+def test_lora_parameter_count_matches_peft():
+    from node.lora import LoraSettings, apply_lora
+
+    conf = Qwen2Config(vocab_size=500, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    shape = ModelShape.from_config(conf)
+    for targets, spec in (("all-linear", "all-linear"), (["q_proj", "v_proj"], "q_proj,v_proj")):
+        model = apply_lora(Qwen2ForCausalLM(conf), LoraSettings(r=8, alpha=16, target_modules=spec))
+        assert shape.lora_params(8, targets) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_the_plan_moves_the_way_the_settings_do():
+    shape = ModelShape.from_config(Qwen2Config(**QWEN05))
+    s = Settings(micro_batch_size=4, train_sequences=64, gen_micro_batch=16, max_new_tokens=256)
+    full, lora = plan(shape, s), plan(shape, replace(s, lora_r=16))
+    # LoRA: no gradients or AdamW state for the 494M base weights (fp32: 3 x 1.84 GiB), no full snapshot
+    assert full.items["optimizer"] == 2 * shape.params * 4 and lora.items["optimizer"] < 0.02 * full.items["optimizer"]
+    assert lora.peak < full.peak - 5 * GiB
+    assert plan(shape, replace(s, micro_batch_size=2)).train_peak < full.train_peak
+    assert plan(shape, replace(s, gen_micro_batch=8)).items["kv cache"] * 2 == full.items["kv cache"]
+    assert plan(shape, replace(s, beta=0.04)).items["reference"] == shape.params * 4  # a full copy...
+    assert plan(shape, replace(s, beta=0.04, lora_r=16)).items["reference"] == 0  # ...but not with LoRA
+    bf16 = plan(shape, replace(s, dtype_bytes=2, device_type="cuda"))
+    assert bf16.items["weights"] * 2 == full.items["weights"] and bf16.host_extra > 0
+
+
+def _join(args: list[str], tmp: Path, gib: float | None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SWARM_NODE_HOME": str(tmp / "home")}
+    env.pop("SWARM_NODE_MEMORY_GIB", None)
+    if gib is not None:
+        env["SWARM_NODE_MEMORY_GIB"] = str(gib)
+    return subprocess.run([sys.executable, "-m", "node.cli", "join", "--offline", "--rounds", "1", "--device", "cpu",
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def qwen05_config_only(tmp_path_factory) -> Path:
+    """A Qwen2.5-0.5B-shaped model directory with a config.json and NO weights: anything that loads them fails."""
+    d = tmp_path_factory.mktemp("q05")
+    Qwen2Config(**QWEN05).save_pretrained(d)
+    assert sorted(p.name for p in d.iterdir()) == ["config.json"]
+    return d
+
+
+def test_join_refuses_in_one_sentence_naming_settings_that_fit(tmp_path, qwen05_config_only):
+    res = _join(["--model", str(qwen05_config_only)], tmp_path, gib=8)
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].count(". ") == 0, res.stderr  # one sentence
+    msg = errors[0]
+    assert "of cpu memory at its peak, but 8.0 GiB is free" in msg and "would need about" in msg
+    assert "Traceback" not in res.stderr and "could not be loaded" not in res.stderr  # refused before any load
+    # full fp32 training of 494M weights needs ~5.5 GiB for weights + AdamW alone: the fix is LoRA, and it fits
+    flags = msg.split("GiB is free; ")[1].split(" would need")[0].split()
+    assert "--lora-r" in flags, msg
+    dry = _join(["--model", str(qwen05_config_only), "--dry-run", *flags], tmp_path, gib=8)
+    assert dry.returncode == 0 and dry.stdout.rstrip().endswith("fits"), dry.stdout + dry.stderr
+
+
+def test_dry_run_prints_the_plan_and_loads_nothing(tmp_path, qwen05_config_only):
+    res = _join(["--model", str(qwen05_config_only), "--dry-run", "--lora-r", "16", "--micro-batch-size", "2",
+                 "--gen-micro-batch", "16"], tmp_path, gib=64)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "memory plan: 0.49B params, float32, LoRA r=16, on cpu" in out and "64.00 GiB free" in out
+    for term in ("weights", "adapters", "optimizer", "activations", "logits", "kv cache", "peak training"):
+        assert term in out
+    assert not (tmp_path / "home" / "checkpoints").exists()  # nothing started
+    over = _join(["--model", str(qwen05_config_only), "--dry-run"], tmp_path, gib=6)
+    assert over.returncode == 1 and "does NOT fit" in over.stdout and "would need about" in over.stdout
+    # --no-memory-check: the refusal is skipped and the (missing) weights are what fails
+    forced = _join(["--model", str(qwen05_config_only), "--no-memory-check"], tmp_path, gib=4)
+    assert forced.returncode == 2 and "memory" not in forced.stderr and "could not be loaded" in forced.stderr
