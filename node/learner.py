@@ -251,7 +251,9 @@ class Learner:
         """Greedy accuracy on a fixed held-out set that no training sampler can draw."""
         k = max(1, n // len(self.task_weights))
         tasks = [build_task(r) for fam in self.task_weights for r in heldout_refs(fam, k, self.task_configs.get(fam))]
-        texts = greedy_answers(self.policy, [self._prompt(t) for t in tasks], self.sampling.max_new_tokens)
+        # --gen-micro-batch bounds evaluation's memory too (node.memory_plan counts it so)
+        texts = greedy_answers(self.policy, [self._prompt(t) for t in tasks], self.sampling.max_new_tokens,
+                               self.sampling.micro_batch)
         strict = RewardPolicy(mode="binary")
         return sum(reward(t, x, strict) >= 1.0 for t, x in zip(tasks, texts)) / max(1, len(tasks))
 

@@ -38,7 +38,6 @@ RUNTIME_CPU = int(0.45 * GiB)  # RSS of a node process beside its model (python,
 MMAP_THRESHOLD_MAX = 32 * 1024**2  # glibc's largest dynamic mmap threshold (64-bit)
 CPU_HEAP_FACTOR, CPU_MMAP_FACTOR = 2.2, 1.35
 HEADROOM = 0.9  # start only when the plan needs at most this share of what the device has free
-EVAL_MICRO_BATCH = 64  # greedy evaluation's generate batch (node.generation.greedy_answers)
 _ACT = {  # (per intermediate, per hidden) activation elements per layer and token, by (dtype bytes, LoRA)
     (4, False): (4.0, 8.0), (4, True): (4.0, 6.2), (2, False): (4.0, 10.0), (2, True): (5.0, 20.0),
 }
@@ -127,7 +126,7 @@ class Settings:
     max_new_tokens: int = 512
     prompt_tokens: int = PROMPT_TOKENS
     beta: float = 0.0
-    eval: bool = False  # held-out evaluations run (greedy, EVAL_MICRO_BATCH prompts at once)
+    eval_prompts: int = 0  # held-out questions per evaluation (greedy, up to gen_micro_batch at once); 0 = none
     checkpoints: bool = True
 
     @property
@@ -226,7 +225,7 @@ def plan(shape: ModelShape, s: Settings) -> MemoryPlan:
     # full training of a tied embedding: the head's gradient lands first in backward, the embedding's dense one later
     head_grad = 0 if lora else shape.vocab * shape.hidden * tb * (1 if shape.tied else 0)
 
-    gen = max(s.gen_batch, min(EVAL_MICRO_BATCH, 4096) if s.eval else 0)
+    gen = max(s.gen_batch, min(s.gen_micro_batch, s.eval_prompts))  # sampling groups, or greedy evaluation
     kv = gen * L * shape.layers * 2 * shape.kv_dim * b
     gen_work = gen * shape.vocab * 4 * 4 + gen * s.prompt_tokens * (2 * shape.intermediate + 4 * shape.hidden) * b
     snapshot = (weights + optimizer if not lora else adapters + optimizer) if s.checkpoints else 0
@@ -286,7 +285,7 @@ def settings_for(cfg: Any, device_type: str, dtype_bytes: int) -> Settings:
         lora_targets=parse_targets(cfg.lora_target_modules) if cfg.lora_r else "all-linear",
         micro_batch_size=cfg.micro_batch_size, train_sequences=cfg.train_groups * cfg.group_size,
         gen_micro_batch=cfg.gen_micro_batch, group_size=cfg.group_size, questions_per_round=cfg.questions_per_round,
-        max_new_tokens=cfg.max_new_tokens, beta=cfg.beta, eval=cfg.eval_every > 0)
+        max_new_tokens=cfg.max_new_tokens, beta=cfg.beta, eval_prompts=cfg.eval_size if cfg.eval_every > 0 else 0)
 
 
 def device_memory(device: Any) -> tuple[int | None, str]:
@@ -369,7 +368,7 @@ def suggestion(p: MemoryPlan) -> tuple[str, MemoryPlan] | None:
     def smaller_batches(s: Settings) -> Settings | None:
         # the training and generation peaks are separate maxima: fit each on its own, largest size first
         for mb in halvings(s.micro_batch_size):
-            if fits(replace(s, micro_batch_size=mb, gen_micro_batch=1, eval=False)) is not None:
+            if fits(replace(s, micro_batch_size=mb, gen_micro_batch=1)) is not None:
                 break
         else:
             return None

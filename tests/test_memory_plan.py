@@ -117,3 +117,25 @@ def test_dry_run_prints_the_plan_and_loads_nothing(tmp_path, qwen05_config_only)
     # --no-memory-check: the refusal is skipped and the (missing) weights are what fails
     forced = _join(["--model", str(qwen05_config_only), "--no-memory-check"], tmp_path, gib=4)
     assert forced.returncode == 2 and "memory" not in forced.stderr and "could not be loaded" in forced.stderr
+
+
+def test_evaluation_generates_at_most_gen_micro_batch_sequences_at_once():
+    """The plan bounds generation (evaluation included) by --gen-micro-batch: so must the learner."""
+    import random
+
+    from node.config import NodeConfig
+    from node.learner import Learner
+    from node.policy import load_policy
+
+    policy = load_policy("tiny")
+    learner = Learner(policy, NodeConfig(offline=True, gen_micro_batch=8), random.Random(0))
+    sizes: list[int] = []
+    generate = policy.model.generate
+
+    def recording(*a, **kw):
+        sizes.append(kw["input_ids"].shape[0] * kw.get("num_return_sequences", 1))
+        return generate(*a, **kw)
+
+    policy.model.generate = recording
+    learner.evaluate(40)
+    assert sizes and max(sizes) == 8 and sum(sizes) == 40
