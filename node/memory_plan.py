@@ -256,7 +256,7 @@ class PlanUnavailable(Exception):
 def model_config(name: str) -> dict[str, Any]:
     """The model's config.json as a dict: a local directory's, or the Hub's (cache first; only config.json is
     fetched, never weights)."""
-    from node.policy import _looks_local, resolve_name
+    from node.policy import _hub_reachable, _looks_local, _offline_env, resolve_name
 
     target = resolve_name(name)
     if _looks_local(target):
@@ -271,8 +271,12 @@ def model_config(name: str) -> dict[str, Any]:
         try:
             path = hf_hub_download(target, "config.json", local_files_only=True)
         except Exception:  # noqa: BLE001 - not cached: one small download (the model load would need it anyway)
+            if _offline_env() or not _hub_reachable():  # no network: fail fast, load_policy says why in one sentence
+                raise PlanUnavailable(f"{target} is not cached and the Hub is not reachable") from None
             path = hf_hub_download(target, "config.json")
         return json.loads(Path(path).read_text(encoding="utf-8"))
+    except PlanUnavailable:
+        raise
     except Exception as e:  # noqa: BLE001 - gated, offline, missing: load_policy reports it properly
         raise PlanUnavailable(f"cannot read the config of {target}: {type(e).__name__}") from e
 
