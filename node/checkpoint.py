@@ -9,7 +9,6 @@ stores only its adapters, with its LoRA settings and a fingerprint of the frozen
 from __future__ import annotations
 
 import base64
-import copy
 import hashlib
 import json
 import logging
@@ -113,19 +112,20 @@ def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, rn
             if key is not None:
                 clones[key] = c
         sd[name] = c if key is None else clones[key]
-    opt = None if optimizer is None else _StateOnly(copy.deepcopy(_to_cpu(optimizer.state_dict())))
+    opt = None if optimizer is None else _StateOnly(_cpu_copy(optimizer.state_dict()))
     return Snapshot(_StateOnly(sd, _adapter_info(model)), opt, _rng_state(rng))
 
 
-def _to_cpu(v: Any) -> Any:
+def _cpu_copy(v: Any) -> Any:
+    """A copy of a state_dict tree whose tensors are new CPU tensors (one copy, whatever the device)."""
     if isinstance(v, torch.Tensor):
-        return v.detach().to("cpu")
+        return v.detach().to("cpu", copy=True)
     if isinstance(v, dict):
-        return {k: _to_cpu(x) for k, x in v.items()}
+        return {k: _cpu_copy(x) for k, x in v.items()}
     if isinstance(v, list):
-        return [_to_cpu(x) for x in v]
+        return [_cpu_copy(x) for x in v]
     if isinstance(v, tuple):
-        return tuple(_to_cpu(x) for x in v)
+        return tuple(_cpu_copy(x) for x in v)
     return v
 
 
@@ -182,7 +182,7 @@ def save_checkpoint(
             raise CheckpointError(f"config/extra for checkpoint {name} is not JSON-serialisable: {e}") from e
         _write_bytes(tmp / STATE_FILE, text.encode("utf-8"))
         _fsync_dir(tmp)
-        _install(tmp, final, root)
+        install_replacing(tmp, final, root / f"{_TRASH_PREFIX}{name[len('round-'):]}-{secrets.token_hex(4)}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -190,21 +190,24 @@ def save_checkpoint(
     return final
 
 
-def _install(tmp: Path, final: Path, root: Path) -> None:
-    """rename(2) into place; an existing checkpoint of the same round is moved aside first and removed after."""
-    trash = None
-    if final.exists():
-        trash = root / f"{_TRASH_PREFIX}{final.name[len('round-'):]}-{secrets.token_hex(4)}"
-        os.rename(final, trash)
+def install_replacing(tmp: Path, dest: Path, aside: Path) -> None:
+    """rename(2) `tmp` to `dest`; an existing `dest` is renamed to `aside` first, put back if the rename fails, and
+    removed only once `tmp` is in place: at every moment `dest` is the old or the new one, complete."""
+    moved = dest.exists()
+    if moved:
+        os.rename(dest, aside)
     try:
-        os.rename(tmp, final)
+        os.rename(tmp, dest)
     except BaseException:
-        if trash is not None:
-            os.rename(trash, final)
+        if moved:
+            os.rename(aside, dest)
         raise
-    _fsync_dir(root)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
+    _fsync_dir(dest.parent)
+    if moved:
+        if aside.is_dir():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.unlink(missing_ok=True)
 
 
 def _prune(root: Path, *, keep: int, current: Path) -> None:

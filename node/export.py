@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from node.checkpoint import (MODEL_FILE, STATE_FILE, CheckpointError, _read_verified_state, latest_checkpoint,
-                             load_checkpoint)
+from node.checkpoint import (MODEL_FILE, STATE_FILE, CheckpointError, _read_verified_state, install_replacing,
+                             latest_checkpoint, load_checkpoint)
 from node.config import model_defaults
 from node.policy import (ALIASES, ModelUnavailable, Policy, _hub_reachable, _looks_local, _offline_env, load_policy,
                          resolve_name)
@@ -169,30 +169,11 @@ def export_checkpoint(path: str | os.PathLike[str], out: str | os.PathLike[str],
     try:
         _write_model_dir(trained, tmp, base=base, where=repo or str(dest.resolve()))
         files = sorted(p.name for p in tmp.iterdir())
-        _install(tmp, dest)
+        install_replacing(tmp, dest, dest.parent / f".old-export-{dest.name}-{secrets.token_hex(4)}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(out=dest, checkpoint=trained.checkpoint, round=trained.round, files=files)
-
-
-def _install(tmp: Path, dest: Path) -> None:
-    """rename(2) into place; a replaced export (--force) is moved aside first and removed only after."""
-    old = None
-    if dest.exists():
-        old = dest.parent / f".old-export-{dest.name}-{secrets.token_hex(4)}"
-        os.rename(dest, old)
-    try:
-        os.rename(tmp, dest)
-    except BaseException:
-        if old is not None:
-            os.rename(old, dest)
-        raise
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
 
 
 def _write_model_dir(trained: Trained, out: Path, *, base: str | None, where: str) -> None:
