@@ -380,6 +380,10 @@ def write_report(args: argparse.Namespace, res: dict[str, Any], command: str, ma
         pairs = ", ".join(f"seed {sd}: {c:.1f} / {f(h)}" for sd, c, h in
                           zip(s["seeds"], s["cumulative_reward_per_seed"], s["final_heldout_per_seed"]))
         lines.append(f"- {name}: {pairs}")
+    short = [f"{r['config']} seed {r['seed']}" for r in res["run_meta"]
+             if r.get("rc") != 0 or any(n < args.rounds for n in r.get("rounds_done", [args.rounds]))]
+    if short:
+        lines += ["", f"**Incomplete runs (a node stopped before round {args.rounds}):** {', '.join(short)}."]
     lines += ["", "Machine load (`uptime`) before and after each run: "
               + "; ".join(f"{r['config']} seed {r['seed']}: {r.get('load_before', '?')} -> {r.get('load_after', '?')}"
                           for r in res["run_meta"]), "", "![curves](curves.png)", ""]
@@ -455,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="model per node, comma-separated, given to the nodes in turn (a mixed swarm: "
                         "tiny,runs/models/small); default: the regime's model")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from runs already in --out")
+    p.add_argument("--skip-done", action="store_true",
+                   help="keep runs already in --out whose nodes all finished every round (resume a cut sweep)")
     args = p.parse_args(argv)
     configs = parse_configs(args.configs)
     if args.baseline not in [cname(c) for c in configs]:
@@ -470,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
         # spreads over configs instead of hitting one
         for s in seeds:
             for c in configs:
+                done = load_run(out, c, s, args.nodes) if args.skip_done else None
+                if done is not None and done.get("rc") == 0 and all(len(r) >= args.rounds for r in done["nodes"]):
+                    print(f"seed {s} config {cname(c)}: already done, kept", flush=True)
+                    continue
                 t1 = time.time()
                 print(f"[{time.time() - t0:7.0f}s] seed {s} config {cname(c)}: {args.nodes} nodes x {args.rounds} rounds",
                       flush=True)
@@ -486,8 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     res["seeds"] = seeds
     res["node_args"] = node_args
     res["variants"] = variants
-    res["run_meta"] = [json.loads((run_dir(out, c, sd) / "run.json").read_text()) for sd in seeds for c in configs
-                       if (run_dir(out, c, sd) / "run.json").exists()]
+    res["run_meta"] = [{**json.loads((run_dir(out, c, sd) / "run.json").read_text()),
+                        "rounds_done": res["per_run"][cname(c)][sd]["rounds_done"]}
+                       for sd in seeds for c in configs if (run_dir(out, c, sd) / "run.json").exists()]
     machine = machine_line()
     write_report(args, res, command, machine)
     plot(args, res, out / "curves.png")
