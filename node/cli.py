@@ -106,7 +106,8 @@ HELP = {
 }
 FLAGS = {"resume", "offline", "mdns", "wandb"}  # presence flags
 OPTIONAL_TYPES = {"seed": int, "tasks": str, "task_config": str, "local": int, "external": int, "questions_per_round": int, "max_external_per_peer": int,
-             "max_new_tokens": int, "learning_rate": float, "delta": float}
+             "max_new_tokens": int, "learning_rate": float, "delta": float,
+             "external_baseline": str}
 TOGGLES = {"mask_truncated_completions", "offpolicy_mask", "external_positive_only", "adaptive_j", "external_prefilter",
            "memory_check"}  # --x/--no-x
 
@@ -135,7 +136,9 @@ def node_options(f, names: tuple[str, ...] | None = None):
         if name in FLAGS:
             opt = click.option(flag, is_flag=True, default=False, envvar=env, help=HELP[name])
         elif name in TOGGLES:
-            opt = click.option(f"{flag}/--no-{flag[2:]}", default=field.default, envvar=env, show_default=True, help=HELP[name])
+            per_model = " [default: per model; see --print-config]" if field.default is None else ""
+            opt = click.option(f"{flag}/--no-{flag[2:]}", default=field.default, envvar=env,
+                               show_default=field.default is not None, help=HELP[name] + per_model)
         elif name == "bootstrap":
             opt = click.option(flag, multiple=True, envvar=env, help=HELP[name] + f" Env: {env} (space-separated).")
         elif field.default is None:

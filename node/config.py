@@ -48,13 +48,18 @@ SPARSE_TASK_CONFIG: dict[str, dict[str, Any]] = {
 }
 
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    # the receiver's choices: measured in docs/sapo_experiment.md ("Settings: what was measured where")
     "tiny": {"questions_per_round": 32, "local": 16, "external": 16, "max_external_per_peer": 8,
-             "max_new_tokens": 8, "learning_rate": 1e-4},
+             "max_new_tokens": 8, "learning_rate": 1e-4,
+             "external_baseline": "receiver", "external_positive_only": True, "adaptive_j": False},
     "tiny-sparse": {"tasks": SPARSE_TASKS, "task_config": json.dumps(SPARSE_TASK_CONFIG, sort_keys=True),
                     "questions_per_round": 32, "local": 16, "external": 16, "max_external_per_peer": 8,
-                    "max_new_tokens": 10, "learning_rate": 1e-4},
+                    "max_new_tokens": 10, "learning_rate": 1e-4,
+                    "external_baseline": "receiver", "external_positive_only": True, "adaptive_j": True},
     "*": {"questions_per_round": 8, "local": 4, "external": 4, "max_external_per_peer": 2,
-          "max_new_tokens": 512, "learning_rate": 1e-6},
+          "max_new_tokens": 512, "learning_rate": 1e-6,
+          # not measured on real models yet: GRPO within the sender's group, as the paper does
+          "external_baseline": "sender", "external_positive_only": False, "adaptive_j": False},
 }
 # --learning-rate when --lora-r > 0 and none is given: LoRA's usual 1e-5 for real models; the tiny model measured with
 # scripts/bench_lora.py
@@ -100,11 +105,12 @@ class NodeConfig:
     newcomer_probation_s: float = 60.0  # senders newer than this are last in line for J slots (swarm.pool)
     share: str = "all"  # "all" | "nonzero" (only groups with mixed rewards) | "none"
     # the receiver's choices (node.mix): advantages of peers' completions, which peers' groups, how many
-    external_baseline: str = "sender"  # "sender" (GRPO within the peer's group) | "receiver" (our own family mean)
-    external_positive_only: bool = False  # train only peers' completions with a positive advantage
+    # None = the model's default (MODEL_DEFAULTS)
+    external_baseline: str | None = None  # "sender" (GRPO within the peer's group) | "receiver" (our own family mean)
+    external_positive_only: bool | None = None  # train only peers' completions with a positive advantage
     external_select: str = "uniform"  # "uniform" | "lacking" (families where our own groups had no signal)
     external_prefilter: bool = True  # J candidates: pooled groups whose claimed rewards show signal (then rescored)
-    adaptive_j: bool = False  # move J by whether peers' groups help; generate I + J - (groups taken)
+    adaptive_j: bool | None = None  # move J by whether peers' groups help; generate I + J - (groups taken)
     ablation_self_feedback: int = 0  # experiment: peers' groups replaced by our own from this many rounds ago (0: off)
     # generation
     temperature: float = 1.0

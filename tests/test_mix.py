@@ -20,8 +20,11 @@ def group(rewards, fam="arith", source="local", index=0):
     return ScoredGroup(ref, (1,), ("x",) * n, ((2,),) * n, (False,) * n, tuple(float(r) for r in rewards), source)
 
 
+PLAIN = {"external_baseline": "sender", "external_positive_only": False, "adaptive_j": False}  # plain SAPO
+
+
 def mixer(**kw):
-    return Mixer(NodeConfig(offline=True, **kw), random.Random(0))
+    return Mixer(NodeConfig(offline=True, **{**PLAIN, **kw}), random.Random(0))
 
 
 def test_receiver_baseline_rewards_what_the_receiver_lacks_and_skips_what_it_already_does():
