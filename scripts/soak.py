@@ -1,6 +1,8 @@
 """Soak test: N tiny nodes (real `swarm-node join` processes on loopback) for M minutes; do they leak or die?
 
     python scripts/soak.py --nodes 8 --minutes 30 [--out DIR] [--interval 10]
+    python scripts/soak.py --nodes 1 --model runs/models/qwen05-random --signal --rounds 40 --fit-last 0.667 \
+        --extra=--questions-per-round=2 --extra=--group-size=4 ...      # the real-model path (docs/soak.md)
 
 Node 0 is the bootstrap the others dial; every node runs unlimited rounds with --threads 1 and a status port. Every
 ~10 s the script samples each node's resident memory (VmRSS in /proc/<pid>/status) and open file descriptors (entries
@@ -10,7 +12,11 @@ rounds done, how it ended) and writes DIR/soak.json (summary and every sample).
 
 Exit 1 when a node died, a node did not exit 0 on SIGTERM, or a node's RSS grew more than --max-growth (10%) over the
 second half (by the fitted line; the first half is warm-up: allocator pools, torch caches, peers arriving).
-Linux only (/proc).
+--fit-last sets that window's share of the run (0.5: the second half). --rounds N gives each node --rounds N: the soak
+ends when all have finished (exit 0 there is not a death) or at --minutes. Per round, the summary also keeps the
+largest RSS sampled while the node was in that round, its fitted slope per round over the window and max - min there.
+--signal runs each node through scripts/soak_node.py (`join` with every group's rewards alternating 1/0), so a model
+with random weights trains every round. Linux only (/proc).
 """
 from __future__ import annotations
 
@@ -65,9 +71,10 @@ def fit(points: list[tuple[float, float]]) -> tuple[float, float] | None:
     return slope, my + slope * (points[0][0] - mt)
 
 
-def node_summary(i: int, samples: list[dict], duration: float, rounds: int, died: bool, rc: int | None) -> dict[str, Any]:
+def node_summary(i: int, samples: list[dict], duration: float, rounds: int, died: bool, rc: int | None,
+                 fit_last: float = 0.5) -> dict[str, Any]:
     mine = [s for s in samples if s["node"] == i and s["rss_kb"] is not None]
-    second = [s for s in mine if s["t"] >= duration / 2]
+    second = [s for s in mine if s["t"] >= duration * (1 - fit_last)]
     out: dict[str, Any] = {"node": i, "rounds": rounds, "died": died, "exit_code": rc, "samples": len(mine)}
     for key, unit in (("rss_kb", 1024.0), ("fds", 1.0)):
         vals = [s[key] for s in mine if s[key] is not None]
@@ -84,7 +91,27 @@ def node_summary(i: int, samples: list[dict], duration: float, rounds: int, died
                 out["rss_growth_second_half"] = round(line[0] * span / line[1], 4)
             else:
                 out["rss_growth_second_half"] = None
+            out["rss_mb_window_min"] = round(min(s[key] for s in second) / unit, 1) if second else None
+            out["rss_mb_window_max"] = round(max(s[key] for s in second) / unit, 1) if second else None
+    out.update(per_round(mine, fit_last))
     return out
+
+
+def per_round(mine: list[dict], fit_last: float) -> dict[str, Any]:
+    """RSS by round: the largest sample while the node's status said that round (the peak of its phases), a line
+    fitted over the last fit_last of the rounds seen (MB per round) and max - min there."""
+    by_round: dict[int, float] = {}
+    for s in mine:
+        if s.get("round") is not None:
+            by_round[s["round"]] = max(by_round.get(s["round"], 0.0), s["rss_kb"] / 1024)
+    rounds = sorted(by_round)
+    window = rounds[int(len(rounds) * (1 - fit_last)):]
+    line = fit([(r, by_round[r]) for r in window])
+    vals = [by_round[r] for r in window]
+    return {"rss_mb_by_round": {str(r): round(by_round[r], 1) for r in rounds},
+            "round_window": [window[0], window[-1]] if window else None,
+            "rss_mb_slope_per_round": round(line[0], 3) if line else None,
+            "rss_mb_round_window_spread": round(max(vals) - min(vals), 1) if vals else None}
 
 
 def main() -> int:
@@ -96,6 +123,10 @@ def main() -> int:
     ap.add_argument("--max-growth", type=float, default=0.10, help="largest RSS growth over the second half")
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--extra", action="append", default=[], help="extra flag for every node, e.g. --extra=--seed=3")
+    ap.add_argument("--rounds", type=int, default=0, help="rounds per node (0: until --minutes are up)")
+    ap.add_argument("--fit-last", type=float, default=0.5, help="share of the run the growth is fitted over")
+    ap.add_argument("--signal", action="store_true",
+                    help="rewards alternate 1/0 after scoring (scripts/soak_node.py): random weights train too")
     args = ap.parse_args()
 
     out = Path(args.out or f"runs/soak-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -115,7 +146,8 @@ def main() -> int:
 
     def command(i: int) -> list[str]:
         d = out / f"node-{i}"
-        cmd = [sys.executable, "-m", "node.cli", "join", "--model", args.model, "--swarm", swarm, "--rounds", "0",
+        entry = [str(ROOT / "scripts" / "soak_node.py")] if args.signal else ["-m", "node.cli"]
+        cmd = [sys.executable, *entry, "join", "--model", args.model, "--swarm", swarm, "--rounds", str(args.rounds),
                "--seed", str(i), "--threads", "1", "--listen", f"/ip4/127.0.0.1/tcp/{p2p[i]}",
                "--status-port", str(status_ports[i]), "--identity", str(d / "identity.key"),
                "--checkpoint-dir", str(d / "checkpoints"), "--metrics", str(d / "metrics.jsonl"),
@@ -137,6 +169,7 @@ def main() -> int:
     logs = []
     samples: list[dict[str, Any]] = []
     died_at: dict[int, float] = {}
+    finished: set[int] = set()  # exited 0 after their --rounds
     t0 = time.monotonic()
     duration = args.minutes * 60
     try:
@@ -165,7 +198,10 @@ def main() -> int:
             row = []
             for i, p in enumerate(procs):
                 alive = p.poll() is None
-                if not alive and i not in died_at:
+                if not alive and args.rounds and p.returncode == 0 and i not in finished:
+                    finished.add(i)
+                    print(f"node {i} finished its {args.rounds} rounds at {t:.0f}s", flush=True)
+                if not alive and i not in died_at and i not in finished:
                     died_at[i] = t
                     print(f"node {i} DIED at {t:.0f}s (rc={p.returncode}); see {out}/node-{i}/stdout.log", flush=True)
                 rnd = None
@@ -184,12 +220,14 @@ def main() -> int:
             print(f"[{t:6.0f}s] alive {sum(s['alive'] for s in row)}/{n}  rss MB {min(rss, default=0):.0f}-"
                   f"{max(rss, default=0):.0f}  fds {min(fds, default=0)}-{max(fds, default=0)}  rounds {rounds}",
                   flush=True)
+            if len(finished) == n:
+                break
     finally:
         elapsed = time.monotonic() - t0
         for i, p in enumerate(procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)  # finish the step, checkpoint, exit 0
-            elif i not in died_at:
+            elif i not in died_at and i not in finished:
                 died_at[i] = round(time.monotonic() - t0, 1)
         for p in procs:
             try:
@@ -201,26 +239,29 @@ def main() -> int:
             log.close()
 
     nodes = [node_summary(i, samples, elapsed, len(read_metrics(out / f"node-{i}" / "metrics.jsonl")),
-                          i in died_at, procs[i].returncode) for i in range(n)]
+                          i in died_at, procs[i].returncode, args.fit_last) for i in range(n)]
     grew = [nd["node"] for nd in nodes if (nd["rss_growth_second_half"] or 0) > args.max_growth]
     bad_exit = [nd["node"] for nd in nodes if nd["exit_code"] != 0]
     died = sorted(died_at)
     ok = not (grew or bad_exit or died)
 
-    hdr = (f"{'node':>4} {'rss start':>9} {'end':>6} {'max':>6} {'MB/10min':>8} {'growth':>7} "
+    hdr = (f"{'node':>4} {'rss start':>9} {'end':>6} {'max':>6} {'MB/10min':>8} {'growth':>7} {'MB/round':>8} "
+           f"{'spread':>6} "
            f"{'fds start':>9} {'end':>4} {'max':>4} {'fd/10min':>8} {'rounds':>6}  ended")
     print(hdr)
     for nd in nodes:
         g = nd["rss_growth_second_half"]
         ended = f"died at {died_at[nd['node']]:.0f}s" if nd["died"] else f"rc={nd['exit_code']}"
         print(f"{nd['node']:>4} {nd['rss_mb_start'] or 0:>9.1f} {nd['rss_mb_end'] or 0:>6.1f} {nd['rss_mb_max'] or 0:>6.1f} "
-              f"{_num(nd['rss_mb_slope_per_10min']):>8} {_pct(g):>7} {_num(nd['fds_start']):>9} {_num(nd['fds_end']):>4} "
+              f"{_num(nd['rss_mb_slope_per_10min']):>8} {_pct(g):>7} {_num(nd['rss_mb_slope_per_round']):>8} "
+              f"{_num(nd['rss_mb_round_window_spread']):>6} {_num(nd['fds_start']):>9} {_num(nd['fds_end']):>4} "
               f"{_num(nd['fds_max']):>4} {_num(nd['fds_slope_per_10min']):>8} {nd['rounds']:>6}  {ended}")
     verdict = "OK" if ok else (f"FAIL: died {died} " if died else "FAIL: ") + \
         (f"non-zero exit {bad_exit} " if bad_exit else "") + (f"RSS grew >{args.max_growth:.0%} {grew}" if grew else "")
     print(verdict)
     report = {"nodes_n": n, "minutes": args.minutes, "elapsed_s": round(elapsed, 1), "swarm": swarm,
-              "interval_s": args.interval, "max_growth": args.max_growth, "ok": ok, "died": died,
+              "interval_s": args.interval, "max_growth": args.max_growth, "fit_last": args.fit_last,
+              "model": args.model, "rounds": args.rounds, "signal": args.signal, "extra": args.extra, "ok": ok, "died": died,
               "non_zero_exit": bad_exit, "rss_grew": grew, "nodes": nodes, "samples": samples}
     (out / "soak.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {out / 'soak.json'}")
