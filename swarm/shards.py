@@ -63,25 +63,30 @@ def epoch_of(round: int, rotate_rounds: int) -> int:
 def subscribed_shards(peer_id: str, shards: int, fanin: int, epoch: int) -> tuple[int, ...]:
     """Home shard first, then min(fanin, S) - 1 other shards for this epoch (sorted).
 
-    The non-home shards are visited in a peer-specific order (a hash-seeded shuffle, re-drawn each cycle), fanin - 1
-    at a time, so every shard comes up once per cycle and different peers spread over different shards.
+    The non-home shards are visited in a peer-specific order, re-drawn each cycle, fanin - 1 at a time, so every shard
+    comes up once per cycle and different peers spread over different shards. The order is an affine permutation of
+    the S - 1 other shards, position p -> others[(a * p + b) mod (S - 1)] with a coprime to S - 1 and (a, b) from one
+    sha256 of (peer, cycle): O(fanin) per call. Why: `Mesh._reach_shards` computes this for every peer in the book
+    (up to 8,192) every Hello interval; the sha256-driven Fisher-Yates it replaces cost S - 1 hashes a call
+    (2.4 ms at S = 625, i.e. ~12 s of CPU per 10 s interval at 10,000 nodes; scripts/scale_sim.py, docs/scale.md).
     """
     _check(shards, fanin)
     home = home_shard(peer_id, shards)
     extra = min(fanin, shards) - 1
     if extra == 0:
         return (home,)
-    others = [s for s in range(shards) if s != home]
-    per_cycle = math.ceil(len(others) / extra)
+    m = shards - 1  # the other shards: index i < home -> shard i, else shard i + 1
+    if extra >= m:
+        return (home, *[s for s in range(shards) if s != home])
+    per_cycle = math.ceil(m / extra)
     cycle, slot = divmod(max(0, int(epoch)), per_cycle)
-    order = others[:]
-    for i in range(len(order) - 1, 0, -1):  # Fisher-Yates driven by sha256: deterministic everywhere
-        j = _h64("order", peer_id, cycle, i) % (i + 1)
-        order[i], order[j] = order[j], order[i]
-    picked = order[slot * extra:(slot + 1) * extra]
-    if len(picked) < extra:  # the last slot of a cycle wraps to the start of the order (no repeats within a slot)
-        picked += [s for s in order if s not in picked][:extra - len(picked)]
-    return (home, *sorted(picked))
+    h = _h64("order", peer_id, cycle)
+    a, b = (h >> 32) % m, (h & 0xFFFFFFFF) % m
+    while math.gcd(a, m) != 1:  # a unit mod m makes p -> a * p + b a bijection; units are dense, so few steps
+        a = (a + 1) % m
+    # the last slot of a cycle wraps to the start of the order: positions mod m, distinct within a slot (extra < m)
+    picked = [(a * ((slot * extra + t) % m) + b) % m for t in range(extra)]
+    return (home, *sorted(i if i < home else i + 1 for i in picked))
 
 
 def epochs_to_cover(shards: int, fanin: int) -> int | None:

@@ -88,6 +88,24 @@ def test_fanin_rotates_and_differs_between_peers():
     assert len(orders) > 1
 
 
+def test_the_fanin_of_a_peer_costs_two_hashes_at_any_shard_count(monkeypatch):
+    # Mesh._reach_shards computes this for every peer in the book (up to 8,192) every Hello interval; the old
+    # Fisher-Yates took S - 1 sha256s a call (624 at S = 625: ~12 s of CPU per 10 s at 10,000 nodes, docs/scale.md)
+    import swarm.shards as shards_mod
+    calls = []
+    real = shards_mod._h64
+    monkeypatch.setattr(shards_mod, "_h64", lambda *a: calls.append(a) or real(*a))
+    for shards in (4, 64, 625, MAX_SHARDS):
+        for e in (0, 1, 7, 1000):
+            calls.clear()
+            subs = subscribed_shards(PEERS[1], shards, 2, e)
+            assert len(calls) == 2 and len(set(subs)) == 2  # home + the order's (a, b)
+    # and the 1,023 other shards of the largest swarm still each come up once per cycle
+    cover = epochs_to_cover(MAX_SHARDS, 2)
+    assert {subscribed_shards(PEERS[1], MAX_SHARDS, 2, e)[1] for e in range(cover)} == \
+        set(range(MAX_SHARDS)) - {home_shard(PEERS[1], MAX_SHARDS)}
+
+
 def test_epoch_of():
     assert [epoch_of(r, 5) for r in (0, 4, 5, 9, 10)] == [0, 0, 1, 1, 2]
     assert epoch_of(-3, 5) == 0
