@@ -59,6 +59,7 @@ class Relay:
         self.started_at = time.time()
         self.batches_seen = 0  # validated batches that reached us (gossipsub forwarded them on already)
         self.senders: dict[str, int] = {}  # sender -> batches, for the status page (bounded below)
+        self.last_heard: dict[str, float] = {}  # sender -> time.time() of its latest batch (same bound)
 
     async def _drain(self) -> None:
         """Take what the mesh delivers: a relay keeps nothing, but an undrained `incoming` would make the mesh shed
@@ -66,8 +67,11 @@ class Relay:
         async for r in self.mesh.incoming:
             self.batches_seen += 1
             self.senders[r.from_peer] = self.senders.get(r.from_peer, 0) + 1
+            self.last_heard[r.from_peer] = time.time()
             if len(self.senders) > 1024:
-                self.senders.pop(next(iter(self.senders)))
+                oldest = next(iter(self.senders))
+                del self.senders[oldest]
+                self.last_heard.pop(oldest, None)
 
     def status(self) -> dict[str, Any]:
         stats = self.mesh.stats()
@@ -81,6 +85,7 @@ class Relay:
             "connected": self.mesh.connected(),
             "batches_seen": self.batches_seen,
             "received_from": dict(self.senders),
+            "last_heard_s": {p: round(time.time() - t, 1) for p, t in self.last_heard.items()},
             "rejections": stats.get("rejections_by_reason", {}),
             "mesh": stats,
             "uptime_s": round(time.time() - self.started_at, 1),

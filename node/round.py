@@ -31,6 +31,7 @@ async def run_round(node: "NodeRuntime", r: int) -> dict[str, Any]:
     shared = node.share(r, local)  # hands the groups to the publisher task; never waits on the network
     own = mixer.own(local, len(ext))
     node.trained_from.update(g.source for g in ext)
+    node.useful_from.update(g.source for g in external if g.has_signal)  # what each peer's groups were worth to us
     t_train = time.monotonic()
     stats = await trio.to_thread.run_sync(learner.train, own + ext)
     t_done = time.monotonic()

@@ -32,6 +32,9 @@ from swarm.pool import ExperiencePool, PooledGroup
 log = logging.getLogger("swarm_node")
 
 HISTORY = 500  # rounds of reward history kept for status and checkpoints
+CURVE_ROUNDS = 2000  # rounds the dashboard's curves keep (a few numbers each: ~0.5 MB at most)
+CURVE_KEYS = ("round", "time", "reward_mean", "heldout_acc", "wall_s", "gen_s", "train_s", "net_wait_s", "n_local",
+              "n_external", "peers", "rollouts_in", "rollouts_out")
 
 
 class NodeRuntime:
@@ -55,6 +58,9 @@ class NodeRuntime:
         self.received_from: Counter[str] = Counter()  # groups accepted into the pool, by the peer that made them
         self.refused_refs: Counter[str] = Counter()  # peers' groups refused before the pool, by reason
         self.trained_from: Counter[str] = Counter()  # peers' groups trained on, by the peer that made them
+        self.useful_from: Counter[str] = Counter()  # peers' groups that rescored with a signal for us, by maker
+        self.last_heard: dict[str, float] = {}  # peer -> when a batch from it last reached the pool (time.time())
+        self.curves: deque[dict[str, Any]] = deque(maxlen=CURVE_ROUNDS)  # the dashboard's per-round rows
         self.totals = {"rollouts_in": 0, "rollouts_out": 0, "rounds": 0}
         self._publish_send, self._publish_recv = trio.open_memory_channel[tuple[int, list]](4)
         self.dropped_publishes = 0
@@ -77,6 +83,7 @@ class NodeRuntime:
         self.round = int(state["round"]) + 1
         self.last_saved = int(state["round"])
         self.history.extend(state.get("extra", {}).get("history", []))
+        self.curves.extend(curve_row(h) for h in self.history)
         log.info("resumed from %s (after round %d)", path, self.round)  # logs count rounds from 1
         return self.last_saved
 
@@ -164,6 +171,7 @@ class NodeRuntime:
             added = self.pool.add_batch(batch, rec.received_at, via=rec.via or None)
             self.inbound_groups += added
             self.received_from[rec.from_peer] += added
+            self.last_heard[rec.from_peer] = time.time()
             self.totals["rollouts_in"] += added
 
     def _admissible(self, batch: RolloutBatch) -> RolloutBatch:
@@ -223,6 +231,8 @@ class NodeRuntime:
             "pool": self.pool.stats(),
             "received_from": dict(self.received_from),
             "trained_from": dict(self.trained_from),
+            "useful_from": dict(self.useful_from),
+            "last_heard_s": {p: round(time.time() - t, 1) for p, t in self.last_heard.items()},
             "rejections": rejections,
             "mesh": mesh_stats,
             "throughput": {
@@ -235,6 +245,17 @@ class NodeRuntime:
             },
             "checkpoint": {"dir": str(self.checkpoint_dir), "last_round": self.last_saved},
         }
+
+    def history_since(self, since: int) -> dict[str, Any]:
+        """The dashboard's rows from round `since` (0-based) on; `next` is the round to ask from next time, so a page
+        polling every few seconds gets only the rounds it has not drawn yet."""
+        rows = []
+        for row in reversed(self.curves):  # newest first: a poll usually wants the last row or two
+            if row["round"] < since:
+                break
+            rows.append(row)
+        rows.reverse()
+        return {"rows": rows, "next": self.round, "max_rows": CURVE_ROUNDS}
 
     # -- the run --------------------------------------------------------------------------------------------------
     async def run(self, *, on_ready: Callable[["NodeRuntime"], None] | None = None,
@@ -268,7 +289,7 @@ class NodeRuntime:
                 nursery.start_soon(self._publish)
                 await self._wait_for_peers()
             if self.cfg.status_port:
-                await nursery.start(serve_status, self.cfg.status_port, self.status)
+                await nursery.start(serve_status, self.cfg.status_port, self.status, self.history_since)
             if on_ready is not None:
                 on_ready(self)
             await self._round_loop()
@@ -295,6 +316,7 @@ class NodeRuntime:
                 m = await run_round(self, r)
                 m["time"] = round(time.time(), 3)
                 self.history.append(m)
+                self.curves.append(curve_row(m))
                 self.totals["rounds"] += 1
                 self.round = r + 1
                 if self.mesh is not None:
@@ -310,6 +332,11 @@ class NodeRuntime:
             trackers.close()
             if metrics_file is not None:
                 metrics_file.close()
+
+
+def curve_row(m: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers of one round's metrics that the dashboard draws (JSON-safe)."""
+    return _jsonable({k: m[k] for k in CURVE_KEYS if k in m})
 
 
 def _jsonable_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

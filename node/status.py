@@ -1,25 +1,79 @@
-"""A node's live status as JSON on localhost, and the client side that `swarm-node status` uses.
+"""A node's live status on localhost: a dashboard page at /, JSON at /status and /history, and the client side that
+`swarm-node status` uses.
 
-A deliberately tiny HTTP/1.0 responder on trio: one GET, one JSON document. It listens on 127.0.0.1 only — status
-reveals nothing secret, but a node should not expose an extra public port by surprise.
+A deliberately tiny HTTP/1.0 responder on trio: one GET, one document. It listens on 127.0.0.1 only — status
+reveals nothing secret, but a node should not expose an extra public port by surprise. The page
+(node/assets/dashboard.html) is one self-contained file with its own script and SVG charts: no CDN, so it works with no
+internet, and it only polls the two JSON documents, which are built from counters the node already keeps (no request
+ever waits on the round loop, which runs torch in worker threads).
 """
 from __future__ import annotations
 
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Callable
 
 import trio
 
 MAX_REQUEST = 8192
+DASHBOARD = Path(__file__).with_name("assets") / "dashboard.html"
+# a page elsewhere that rebinds its DNS name to 127.0.0.1 must not read us: only local Host names are served
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+HEADERS = ("Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+           "Content-Security-Policy: default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+           "connect-src 'self'; img-src 'self' data:\r\n")
 
 
 class StatusPortError(OSError):
     pass
 
 
-async def serve_status(port: int, get_status: Callable[[], dict[str, Any]], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+@lru_cache(maxsize=1)
+def dashboard_page() -> bytes:
+    return DASHBOARD.read_bytes()
+
+
+def _host_ok(headers: dict[str, str]) -> bool:
+    host = headers.get("host")
+    if host is None:  # an HTTP/1.0 client may send none
+        return True
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    return name.lower() in LOCAL_HOSTS
+
+
+def respond(method: bytes, target: str, headers: dict[str, str], get_status: Callable[[], dict[str, Any]],
+            get_history: Callable[[int], dict[str, Any]] | None = None) -> tuple[str, str, bytes]:
+    """(status line, content type, body) for one request; pure, so it is tested without a socket."""
+    url = urllib.parse.urlsplit(target)
+    path, query = url.path, urllib.parse.parse_qs(url.query)
+    if method not in (b"GET", b"HEAD"):
+        return "405 Method Not Allowed", "application/json", b'{"error": "only GET"}'
+    if not _host_ok(headers):
+        return "403 Forbidden", "application/json", b'{"error": "status is served to local host names only"}'
+    wants_json = "application/json" in headers.get("accept", "") and "text/html" not in headers.get("accept", "")
+    if path == "/" and not wants_json:
+        return "200 OK", "text/html; charset=utf-8", dashboard_page()
+    if path in ("/", "/status"):  # "/" with Accept: application/json still answers JSON, as it did before the page
+        return "200 OK", "application/json", json.dumps(get_status(), default=str).encode()
+    if path == "/history":
+        try:
+            since = int(query.get("since", ["0"])[0])
+        except ValueError:
+            return "400 Bad Request", "application/json", b'{"error": "since must be a round number"}'
+        doc = get_history(since) if get_history is not None else {"rows": [], "next": 0, "max_rows": 0}
+        return "200 OK", "application/json", json.dumps(doc, default=str).encode()
+    return "404 Not Found", "application/json", b'{"error": "not found; try GET / (the page) or GET /status"}'
+
+
+async def serve_status(port: int, get_status: Callable[[], dict[str, Any]],
+                       get_history: Callable[[int], dict[str, Any]] | None = None, *,
+                       task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serves the dashboard and the status documents on 127.0.0.1:port. `get_history(since)`: the per-round rows
+    from round `since` on (a relay has none)."""
     try:
         listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
     except OSError as e:
@@ -34,14 +88,18 @@ async def serve_status(port: int, get_status: Callable[[], dict[str, Any]], *, t
                     if not chunk:
                         break
                     request += chunk
-                parts = request.split(b" ", 2)
-                path = parts[1].decode("latin-1") if len(parts) > 1 else ""
-                if parts[0] == b"GET" and path in ("/", "/status"):
-                    code, body = "200 OK", json.dumps(get_status(), default=str).encode()
-                else:
-                    code, body = "404 Not Found", b'{"error": "not found; try GET /status"}'
-                head = f"HTTP/1.0 {code}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-                await stream.send_all(head.encode() + body)
+                head_lines = request.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+                parts = head_lines[0].split(b" ", 2)
+                target = parts[1].decode("latin-1") if len(parts) > 1 else ""
+                headers = {}
+                for line in head_lines[1:]:
+                    k, sep, v = line.decode("latin-1").partition(":")
+                    if sep:
+                        headers[k.strip().lower()] = v.strip()
+                code, ctype, body = respond(parts[0], target, headers, get_status, get_history)
+                head = (f"HTTP/1.0 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n{HEADERS}"
+                        "Connection: close\r\n\r\n")
+                await stream.send_all(head.encode() + (b"" if parts[0] == b"HEAD" else body))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
