@@ -119,7 +119,7 @@ def run_join(cfg: NodeConfig) -> int:
 
         def on_ready(n: NodeRuntime) -> None:
             if cfg.status_port:
-                view.message(f"status on http://127.0.0.1:{cfg.status_port}/status")
+                view.message(f"dashboard on http://127.0.0.1:{cfg.status_port}/ (JSON: /status)")
 
         trio.run(lambda: node.run(on_ready=on_ready, on_listening=on_listening))
         saved = f"checkpoint of round {node.last_saved + 1}" if node.last_saved is not None else "no checkpoint"

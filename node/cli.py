@@ -91,7 +91,7 @@ HELP = {
     "bootstrap": "Multiaddr of a node to join through (repeatable).",
     "listen": "Multiaddr to listen on (default: all interfaces, a free TCP port).",
     "identity": "Identity key file (default: <data dir>/identity.key; created if missing).",
-    "status_port": "Serve JSON status on 127.0.0.1:PORT (0 = off).",
+    "status_port": "Serve a live dashboard at http://127.0.0.1:PORT/ and JSON at /status (0 = off).",
     "offline": "Do not join any mesh: plain single-node RL.",
     "mdns": "Also find peers on the local network by mDNS (multicast; off by default).",
     "max_peers": "Peer exchange dials new peers until this many connections (peers dialing in are always accepted).",

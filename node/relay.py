@@ -124,7 +124,7 @@ def run_relay(cfg: NodeConfig) -> int:
             for addr in r.mesh.listen_addrs():
                 print(f"listening {addr}", flush=True)
             if cfg.status_port:
-                print(f"status on http://127.0.0.1:{cfg.status_port}/status", flush=True)
+                print(f"dashboard on http://127.0.0.1:{cfg.status_port}/ (JSON: /status)", flush=True)
             print(f"relay for swarm {cfg.swarm!r}; log: {log_path}", flush=True)
 
         trio.run(lambda: relay.run(on_listening=on_listening))

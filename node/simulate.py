@@ -179,6 +179,8 @@ def run_simulation(*, nodes: int, rounds: int, model: str, local_: int | None, e
           f"out {out_dir}")
     if not isolated:
         print(f"seed node: {seed_addr}")
+    for i in range(nodes):  # each node's live page (node/status.py): curves, peers, rejections
+        print(f"node {i} dashboard: http://127.0.0.1:{status_ports[i]}/")
 
     procs: list[subprocess.Popen] = []
     logs = []

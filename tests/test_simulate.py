@@ -20,6 +20,9 @@ def test_simulate_three_nodes_exchange_rollouts_and_write_summary_and_plot(tmp_p
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["exit_codes"] == [0, 0, 0]
+    dashboards = [line.split(": ", 1)[1] for line in res.stdout.splitlines() if " dashboard: " in line]
+    assert len(dashboards) == 3 and all(d.startswith("http://127.0.0.1:") and d.endswith("/") for d in dashboards)
+    assert len(set(dashboards)) == 3
     assert summary["node_models"] == ["tiny", tiny_dir, "tiny"]
     nodes = summary["nodes"]
     assert [n["rounds"] for n in nodes] == [12, 12, 12]
