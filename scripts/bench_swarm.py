@@ -93,6 +93,7 @@ from node.config import NodeConfig  # noqa: E402
 from protocol.messages import MAX_ROLLOUTS  # noqa: E402
 from swarm.shards import home_shard  # noqa: E402
 from node.cli import RELAY_SETTINGS  # noqa: E402
+from protocol.identity import Identity, save_identity  # noqa: E402
 from tests.join_procs import JoinProc, make_nodes, make_relays  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -195,14 +196,34 @@ def _relay_flags(extra: list[str]) -> list[str]:
     return [x for x in extra if x.split("=", 1)[0] in names]
 
 
+def _shards_in(extra: list[str]) -> int:
+    for x in extra:
+        if x.startswith("--shards="):
+            return int(x.split("=", 1)[1])
+    return 1
+
+
+def _balance(procs: list[JoinProc], shards: int) -> None:
+    """Give process i an identity whose home shard is i mod S, so every shard has the same number of trainers (and of
+    relays): runs of different sizes are then comparable (with 8 random identities on 4 shards, a node's shards held
+    1 to 5 trainers and its inbound bytes varied 5x between nodes)."""
+    for i, p in enumerate(procs):
+        while home_shard(p.identity.peer_id, shards) != i % shards:
+            p.identity = Identity.generate()
+        save_identity(p.identity, p.dir / "identity.key")
+
+
 def run_swarm(n: int, rounds: int, out: Path, *, share: bool, timeout: float, poll: float,
-              extra: list[str], relays: int = 0) -> dict[str, Any]:
+              extra: list[str], relays: int = 0, balanced: bool = False) -> dict[str, Any]:
     if out.exists():  # a previous bench in the same --out: identities and checkpoints must be fresh
         shutil.rmtree(out)
     out.mkdir(parents=True)
     swarm = f"bench-{secrets.token_hex(4)}"
     nodes = make_nodes(out, [f"node-{i}" for i in range(n)])
     relay_procs = make_relays(out, [f"relay-{i}" for i in range(relays)])
+    if balanced and _shards_in(extra) > 1:
+        _balance(nodes, _shards_in(extra))
+        _balance(relay_procs, _shards_in(extra))
     for nd in nodes:
         nd.metrics_path.unlink(missing_ok=True)
     mode = [] if share else ["--share", "none", "--external", "0", "--local", str(DEFAULTS.local + DEFAULTS.external)]
@@ -487,7 +508,11 @@ def analyze_relays(run: dict) -> dict[str, Any] | None:
             continue
         span = ss[-1]["t"] - ss[0]["t"]
         last = next((x["st"] for x in reversed(ss) if x.get("st")), None) or {}
+        sts = [x for x in ss if x.get("st")]
+        kb_s = ((sts[-1]["st"]["bytes_in"] - sts[0]["st"]["bytes_in"]) / 1024 / (sts[-1]["t"] - sts[0]["t"])
+                if len(sts) >= 2 and sts[-1]["t"] > sts[0]["t"] else None)
         out.append({"name": rp["name"], "rc": rp["rc"], "rss_mb": max(x["rss_mb"] or 0 for x in ss),
+                    "in_kb_per_s": None if kb_s is None else round(kb_s, 2),
                     "cpu_pct": round(100 * (ss[-1]["cpu"] - ss[0]["cpu"]) / span, 2) if span > 0 else None,
                     "peers": last.get("n_peers"), "rejections": last.get("rejections")})
     if not out:
@@ -496,7 +521,10 @@ def analyze_relays(run: dict) -> dict[str, Any] | None:
     return {"count": len(out), "rss_mb_mean": round(statistics.mean(x["rss_mb"] for x in out), 1),
             "rss_mb_max": round(max(x["rss_mb"] for x in out), 1),
             "cpu_pct_mean": round(statistics.mean(cpus), 2) if cpus else None,
-            "cpu_pct_max": max(cpus) if cpus else None, "relays": out}
+            "cpu_pct_max": max(cpus) if cpus else None,
+            "in_kb_per_s_mean": round(statistics.mean(k), 2) if (k := [x["in_kb_per_s"] for x in out
+                                                                        if x["in_kb_per_s"] is not None]) else None,
+            "relays": out}
 
 
 def row(r: dict) -> str:
@@ -522,7 +550,8 @@ def bench(n: int, args: argparse.Namespace) -> dict[str, Any]:
                 runs[name] = json.loads((out / name / "raw.json").read_text())
         else:
             runs[name] = run_swarm(n, args.rounds, out / name, share=name == "share", timeout=args.timeout,
-                                   poll=args.poll, extra=args.extra, relays=args.relays)
+                                   poll=args.poll, extra=args.extra, relays=args.relays,
+                                   balanced=args.balanced_shards)
     if "share" not in runs:
         raise SystemExit(f"--reanalyze: no {out / 'share' / 'raw.json'}")
     rounds = runs["share"].get("rounds", args.rounds)
@@ -568,6 +597,9 @@ def main() -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip the --share none run (no CPU attribution)")
     ap.add_argument("--reanalyze", action="store_true", help="recompute the table from DIR/nN/*/raw.json, run nothing")
     ap.add_argument("--extra", action="append", default=[], help="extra flag for every node, e.g. --extra=--group-size=4")
+    ap.add_argument("--balanced-shards", action="store_true",
+                    help="with --extra=--shards=S: process i gets an identity on home shard i mod S (same number of "
+                         "trainers, and of relays, on every shard)")
     ap.add_argument("--relays", type=int, default=0,
                     help="also run this many `swarm-node relay` processes (relay 0 is everyone's bootstrap); "
                          "--nodes counts the training nodes; --extra flags a relay takes (--shards=...) reach them too")
@@ -591,7 +623,7 @@ def main() -> int:
         if r.get("relays"):
             x = r["relays"]
             print(f"N={r['n']} + {x['count']} relays: {x['rss_mb_mean']} MB resident each (max {x['rss_mb_max']}), "
-                  f"{x['cpu_pct_mean']} % of a core each (max {x['cpu_pct_max']})")
+                  f"{x['cpu_pct_mean']} % of a core each (max {x['cpu_pct_max']}), {x['in_kb_per_s_mean']} KB/s in each")
     print(f"\nwrote {out / 'bench.json'}")
     return 1 if any(r["problems"] for r in results) else 0
 
