@@ -83,7 +83,12 @@ def run_join(cfg: NodeConfig) -> int:
         hf_logging.disable_progress_bar()  # a per-load progress bar is noise in a node's output
         from node.memory_plan import GiB, check_before_load
 
-        planned = check_before_load(cfg)  # before any weight is read: a run that cannot fit ends here, in one sentence
+        # before any weight is read: a run that cannot fit ends here, in one sentence; unset micro-batches are chosen
+        resolved = check_before_load(cfg)
+        cfg, planned = resolved.cfg, resolved.plan
+        for line in resolved.why:
+            view.message(line)
+            log.info(line)
         if planned is not None and planned.available is not None:
             view.message(f"memory plan: about {planned.peak / GiB:.1f} GiB at peak, {planned.available / GiB:.1f} GiB "
                          f"free on {planned.device_name} (see --dry-run)")

@@ -47,7 +47,8 @@ HELP = {
     "temperature": "Sampling temperature (also used for training log-probs).",
     "top_p": "Nucleus sampling.",
     "max_new_tokens": "Completion length budget.",
-    "gen_micro_batch": "Most sequences generated at once (bounds memory).",
+    "gen_micro_batch": "Most sequences generated at once (bounds memory) [default: the largest that fits the device's "
+                       "free memory, from the memory plan (see --dry-run); tiny: 64].",
     "learning_rate": "AdamW learning rate.",
     "epsilon": "Lower clip range.",
     "epsilon_high": "Upper clip range.",
@@ -56,7 +57,8 @@ HELP = {
     "loss_type": "grpo, dapo, dr_grpo or bnpo (as in TRL).",
     "scale_rewards": "Advantage scaling: group, batch or none.",
     "num_iterations": "Optimizer steps per round on the same rollouts.",
-    "micro_batch_size": "Sequences per forward/backward (gradient accumulation).",
+    "micro_batch_size": "Sequences per forward/backward (gradient accumulation) [default: the largest that fits the "
+                        "device's free memory, from the memory plan (see --dry-run); tiny: 64].",
     "max_grad_norm": "Gradient clipping norm.",
     "weight_decay": "AdamW weight decay.",
     "mask_truncated_completions": "Exclude truncated completions from the loss.",
@@ -106,7 +108,8 @@ HELP = {
 }
 FLAGS = {"resume", "offline", "mdns", "wandb"}  # presence flags
 OPTIONAL_TYPES = {"seed": int, "tasks": str, "task_config": str, "local": int, "external": int, "questions_per_round": int, "max_external_per_peer": int,
-             "max_new_tokens": int, "learning_rate": float, "delta": float,
+             "max_new_tokens": int, "learning_rate": float, "delta": float, "micro_batch_size": int,
+             "gen_micro_batch": int,
              "external_baseline": str}
 TOGGLES = {"mask_truncated_completions", "offpolicy_mask", "external_positive_only", "adaptive_j", "external_prefilter",
            "memory_check"}  # --x/--no-x

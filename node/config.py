@@ -50,17 +50,21 @@ SPARSE_TASK_CONFIG: dict[str, dict[str, Any]] = {
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     # the receiver's choices: measured in docs/sapo_experiment.md ("Settings: what was measured where")
     "tiny": {"questions_per_round": 32, "local": 16, "external": 16, "max_external_per_peer": 8,
-             "max_new_tokens": 8, "learning_rate": 1e-4,
+             "max_new_tokens": 8, "learning_rate": 1e-4, "micro_batch_size": 64, "gen_micro_batch": 64,
              "external_baseline": "receiver", "external_positive_only": True, "adaptive_j": False},
     "tiny-sparse": {"tasks": SPARSE_TASKS, "task_config": json.dumps(SPARSE_TASK_CONFIG, sort_keys=True),
                     "questions_per_round": 32, "local": 16, "external": 16, "max_external_per_peer": 8,
-                    "max_new_tokens": 10, "learning_rate": 1e-4,
+                    "max_new_tokens": 10, "learning_rate": 1e-4, "micro_batch_size": 64, "gen_micro_batch": 64,
                     "external_baseline": "receiver", "external_positive_only": True, "adaptive_j": True},
     "*": {"questions_per_round": 8, "local": 4, "external": 4, "max_external_per_peer": 2,
           "max_new_tokens": 512, "learning_rate": 1e-6,
           # not measured on real models yet: GRPO within the sender's group, as the paper does
           "external_baseline": "sender", "external_positive_only": False, "adaptive_j": False},
 }
+# Real models leave --micro-batch-size and --gen-micro-batch unset (None): node.memory_plan picks the largest that fit
+# the device's free memory at start. Where no plan can (a script's NodeConfig, a model config unreadable here), the fixed
+# default before.
+MICRO_BATCH_FALLBACK = 64
 # --learning-rate when --lora-r > 0 and none is given: LoRA's usual 1e-5 for real models; the tiny model measured with
 # scripts/bench_lora.py
 LORA_LEARNING_RATE: dict[str, float] = {"tiny": 3e-4, "tiny-sparse": 3e-4, "*": 1e-5}
@@ -116,7 +120,7 @@ class NodeConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int | None = None
-    gen_micro_batch: int = 64
+    gen_micro_batch: int | None = None  # None = the largest that fits, from node.memory_plan at start (tiny: 64)
     # GRPO (names follow TRL)
     learning_rate: float | None = None
     epsilon: float = 0.2
@@ -126,7 +130,7 @@ class NodeConfig:
     loss_type: str = "dapo"
     scale_rewards: str = "group"
     num_iterations: int = 1
-    micro_batch_size: int = 64
+    micro_batch_size: int | None = None  # None = the largest that fits, from node.memory_plan at start (tiny: 64)
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     mask_truncated_completions: bool = False
@@ -188,6 +192,8 @@ class NodeConfig:
             (self.temperature > 0, "--temperature must be > 0"),
             (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
             (self.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+            (all(v is None or v >= 1 for v in (self.micro_batch_size, self.gen_micro_batch)),
+             "--micro-batch-size and --gen-micro-batch must be >= 1"),
             (self.learning_rate > 0, "--learning-rate must be > 0"),
             (self.rounds >= 0, "--rounds must be >= 0 (0 runs until stopped)"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),

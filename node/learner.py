@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from node.config import NodeConfig, parse_task_config
+from node.config import MICRO_BATCH_FALLBACK, NodeConfig, parse_task_config
 from node.generation import SamplingConfig, eos_token_ids, generate_groups, greedy_answers
 from node.grpo import GRPOConfig, GRPOTrainer, TrainGroup
 from node.lora import apply_lora, is_lora, settings_from_config
@@ -89,6 +89,11 @@ def choose_training_groups(
     return own, ext
 
 
+def _or_fallback(micro_batch: int | None) -> int:
+    """A micro-batch no plan chose (join resolves them with node.memory_plan before this): the fixed default."""
+    return MICRO_BATCH_FALLBACK if micro_batch is None else micro_batch
+
+
 class Learner:
     def __init__(self, policy: Policy, cfg: NodeConfig, rng: random.Random) -> None:
         self.policy = policy
@@ -103,7 +108,7 @@ class Learner:
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             max_new_tokens=cfg.max_new_tokens,
-            micro_batch=cfg.gen_micro_batch,
+            micro_batch=_or_fallback(cfg.gen_micro_batch),
         )
         self.grpo = GRPOConfig(
             learning_rate=cfg.learning_rate,
@@ -114,7 +119,7 @@ class Learner:
             loss_type=cfg.loss_type,
             scale_rewards=cfg.scale_rewards,
             num_iterations=cfg.num_iterations,
-            micro_batch_size=cfg.micro_batch_size,
+            micro_batch_size=_or_fallback(cfg.micro_batch_size),
             max_grad_norm=cfg.max_grad_norm,
             weight_decay=cfg.weight_decay,
             max_completion_length=self.sampling.max_new_tokens,

@@ -157,8 +157,12 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        dev_ok = self.available is None or self.peak <= HEADROOM * self.available
-        host_ok = self.host_available is None or self.host_extra <= HEADROOM * self.host_available
+        return self.fits_at(HEADROOM)
+
+    def fits_at(self, headroom: float) -> bool:
+        """The plan needs at most this share of the free memory (device and, on CUDA, host)."""
+        dev_ok = self.available is None or self.peak <= headroom * self.available
+        host_ok = self.host_available is None or self.host_extra <= headroom * self.host_available
         return dev_ok and host_ok
 
     def format(self) -> str:
@@ -354,92 +358,200 @@ def _with_device(p: MemoryPlan, dev: Any) -> MemoryPlan:
     return p
 
 
-def suggestion(p: MemoryPlan) -> tuple[str, MemoryPlan] | None:
-    """Flags that would make the plan fit on the same device (the smallest change first), with their plan."""
-    s0 = p.settings
+def _replan(p: MemoryPlan, s: Settings) -> MemoryPlan:
+    """The plan of other settings on the same device (its free memory as p saw it)."""
+    q = plan(p.shape, s)
+    q.available, q.host_available, q.device_name = p.available, p.host_available, p.device_name
+    return q
 
-    def fits(s: Settings) -> MemoryPlan | None:
-        q = plan(p.shape, s)
-        q.available, q.host_available, q.device_name = p.available, p.host_available, p.device_name
-        return q if q.fits else None
 
-    def halvings(v: int) -> list[int]:
-        out = [v]
-        while out[-1] > 1:
-            out.append(out[-1] // 2)
-        return out
+def _halvings(v: int) -> list[int]:
+    out = [max(1, v)]
+    while out[-1] > 1:
+        out.append(out[-1] // 2)
+    return out
 
-    def smaller_batches(s: Settings) -> Settings | None:
-        # the training and generation peaks are separate maxima: fit each on its own, largest size first
-        for mb in halvings(s.micro_batch_size):
-            if fits(replace(s, micro_batch_size=mb, gen_micro_batch=1)) is not None:
-                break
-        else:
-            return None
-        for gm in halvings(s.gen_micro_batch):
-            if fits(replace(s, micro_batch_size=mb, gen_micro_batch=gm)) is not None:
-                return replace(s, micro_batch_size=mb, gen_micro_batch=gm)
-        return None
 
-    tries = [s0]
-    if s0.lora_r == 0:
-        tries.append(replace(s0, lora_r=16, lora_targets="all-linear"))
-    last = tries[-1]
-    for t in halvings(s0.max_new_tokens)[1:]:
-        if t < 64:
+def _smaller_batches(p: MemoryPlan, s: Settings) -> Settings | None:
+    """s with the largest micro-batches (halving from s's) under which the plan fits, or None."""
+    # the training and generation peaks are separate maxima: fit each on its own, largest size first
+    for mb in _halvings(s.micro_batch_size):
+        if _replan(p, replace(s, micro_batch_size=mb, gen_micro_batch=1)).fits:
             break
-        tries.append(replace(last, max_new_tokens=t))
-    for t in tries:
-        found = smaller_batches(t)
-        if found is not None:
-            return _flags(s0, found), fits(found)  # type: ignore[return-value]
+    else:
+        return None
+    for gm in _halvings(s.gen_micro_batch):
+        if _replan(p, replace(s, micro_batch_size=mb, gen_micro_batch=gm)).fits:
+            return replace(s, micro_batch_size=mb, gen_micro_batch=gm)
     return None
 
 
-def _flags(a: Settings, b: Settings) -> str:
+def suggestions(p: MemoryPlan, auto: frozenset[str] = frozenset(), limit: int = 3) -> list[tuple[str, MemoryPlan]]:
+    """Flags that would make the plan fit on the same device, with their plans: smaller micro-batches alone when that
+    is enough (only given ones are named: those in `auto` the node picks itself), else up to `limit` of a LoRA rank,
+    16-bit weights and fewer new tokens, each alone, or combined when none alone fits."""
+    s0 = p.settings
+
+    def option(s: Settings) -> tuple[str, MemoryPlan] | None:
+        found = _smaller_batches(p, s)
+        return None if found is None else (_flags(s0, found, auto), _replan(p, found))
+
+    same = option(s0)
+    if same is not None:
+        return [same]
+    lora = replace(s0, lora_r=16, lora_targets="all-linear") if s0.lora_r == 0 else None
+    bf16 = replace(s0, dtype_bytes=2) if s0.dtype_bytes == 4 else None
+
+    def fewer_tokens(s: Settings) -> tuple[str, MemoryPlan] | None:  # the most tokens that fit, at least 64
+        for t in _halvings(s0.max_new_tokens)[1:]:
+            if t < 64:
+                return None
+            found = option(replace(s, max_new_tokens=t))
+            if found is not None:
+                return found
+        return None
+
+    singles = [option(lora) if lora else None, option(bf16) if bf16 else None, fewer_tokens(s0)]
+    both = replace(lora, dtype_bytes=2) if lora and bf16 else None
+    combos = [option(both) if both else None, fewer_tokens(lora) if lora else None,
+              fewer_tokens(both) if both else None, fewer_tokens(bf16) if bf16 else None]
+    if s0.device_type == "cpu":  # 16-bit training on a CPU without bf16 units is ~30x slower: named last there
+        singles = [singles[0], singles[2], singles[1]]
+        combos = [combos[1], combos[0], combos[2], combos[3]]
+    out = [o for o in singles if o is not None] or [o for o in combos if o is not None]
+    return out[:limit]
+
+
+def suggestion(p: MemoryPlan, auto: frozenset[str] = frozenset()) -> tuple[str, MemoryPlan] | None:
+    """The first of `suggestions` (the smallest change), or None."""
+    found = suggestions(p, auto, limit=1)
+    return found[0] if found else None
+
+
+def _flags(a: Settings, b: Settings, auto: frozenset[str] = frozenset()) -> str:
     out = []
     if b.lora_r != a.lora_r:
         out.append(f"--lora-r {b.lora_r}")
-    if b.micro_batch_size != a.micro_batch_size:
+    if b.dtype_bytes != a.dtype_bytes:
+        out.append("--dtype bfloat16")
+    if b.micro_batch_size != a.micro_batch_size and "micro_batch_size" not in auto:
         out.append(f"--micro-batch-size {b.micro_batch_size}")
-    if b.gen_micro_batch != a.gen_micro_batch:
+    if b.gen_micro_batch != a.gen_micro_batch and "gen_micro_batch" not in auto:
         out.append(f"--gen-micro-batch {b.gen_micro_batch}")
     if b.max_new_tokens != a.max_new_tokens:
         out.append(f"--max-new-tokens {b.max_new_tokens}")
     return " ".join(out)
 
 
-def refusal(p: MemoryPlan) -> str:
-    """The one sentence `join` ends with when the plan does not fit."""
+def refusal(p: MemoryPlan, auto: frozenset[str] = frozenset()) -> str:
+    """The one sentence `join` ends with when the plan does not fit (`auto`: the micro-batches the node picks itself,
+    at 1 in p: none fitted)."""
     where = p.device_name or p.settings.device_type
+    even = "even at micro-batch 1, " if auto else ""
     if p.available is not None and p.peak > HEADROOM * p.available:
         need = f"about {p.peak / GiB:.1f} GiB of {where} memory at its peak, but {p.available / GiB:.1f} GiB is free"
     else:
         need = (f"about {p.host_extra / GiB:.1f} GiB of host memory (checkpoints, loading), but "
                 f"{(p.host_available or 0) / GiB:.1f} GiB is available")
-    found = suggestion(p)
-    if found is None:
-        fix = "even LoRA with micro-batches of 1 and 64 new tokens would not fit: use a smaller model"
+    found = suggestions(p, auto)
+    if not found:
+        fix = "even LoRA in 16-bit with micro-batches of 1 and 64 new tokens would not fit: use a smaller model"
     else:
-        flags, q = found
-        fix = f"{flags} would need about {max(q.peak, q.host_extra) / GiB:.1f} GiB"
-    return (f"this run needs {need}; {fix} (`join --dry-run` prints the plan; --no-memory-check starts anyway)")
+        parts = [f"{flags} {'would need ' if i == 0 else ''}about {max(q.peak, q.host_extra) / GiB:.1f} GiB"
+                 for i, (flags, q) in enumerate(found)]
+        fix = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + ", or " + parts[-1]
+    return (f"{even}this run needs {need}; {fix} (`join --dry-run` prints the plan; --no-memory-check starts anyway)")
 
 
-def check_before_load(cfg: Any) -> MemoryPlan | None:
-    """Refuse (ConfigError, one sentence) a run the plan says will not fit; None when the config is unreadable here
-    (then the model load reports why) or the check is off."""
+# -- micro-batches the user did not set: the largest that fit ---------------------------------------------------------
+
+AUTO_FIELDS = ("micro_batch_size", "gen_micro_batch")
+AUTO_HEADROOM = 0.8  # a micro-batch the node picks leaves a fifth of the free memory (other processes, the plan's error)
+AUTO_MAX = 64  # the largest it picks: the fixed default before (a round's 8 x 8 sequences at once)
+
+
+@dataclass
+class Resolved:
+    """A NodeConfig with both micro-batches set, and why."""
+
+    cfg: Any
+    plan: MemoryPlan | None  # with the values in cfg; None when the model's config cannot be read here
+    chosen: dict[str, int]  # the micro-batches picked from the plan, by field (empty: all given, or no plan)
+    why: list[str]  # one line per micro-batch picked
+    no_plan: str = ""  # why there is no plan
+
+    def fits(self) -> bool:
+        return self.plan is None or self.plan.fits
+
+
+def _pick(p: MemoryPlan, s: Settings, name: str, cap: int, cap_why: str) -> tuple[int, str] | None:
+    """The largest of cap, cap/2, ..., 1 for field `name` under which the plan fits with AUTO_HEADROOM (micro-batch 1
+    with the usual HEADROOM when nothing does), and why (cap_why: why no more than cap); None when even 1 does not
+    fit."""
+    free = "unknown" if p.available is None else f"{p.available / GiB:.1f} GiB"
+    tried: tuple[int, MemoryPlan] | None = None  # the last, larger value that did not fit
+    for v in _halvings(cap):
+        q = _replan(p, replace(s, **{name: v}))
+        if q.fits_at(AUTO_HEADROOM):
+            if tried is None:
+                return v, f"it needs about {q.peak / GiB:.1f} GiB at peak of {free} free; {cap_why}"
+            return v, (f"{tried[0]} would need about {tried[1].peak / GiB:.1f} GiB at peak, over "
+                       f"{AUTO_HEADROOM:.0%} of the {free} free")
+        tried = (v, q)
+    q = _replan(p, replace(s, **{name: 1}))
+    if q.fits:
+        return 1, (f"the smallest; about {q.peak / GiB:.1f} GiB at peak, within {HEADROOM:.0%} of the {free} free "
+                   f"but without the usual margin")
+    return None
+
+
+def resolve_micro_batches(cfg: Any, config: dict[str, Any] | None = None) -> Resolved:
+    """cfg with --micro-batch-size and --gen-micro-batch set: given values as they are, unset ones (None) the largest
+    that fit the device's free memory by the plan, with margin. When even micro-batch 1 does not fit, the returned
+    plan (at 1) does not fit either: `check_before_load` refuses it. No plan (the model's config unreadable here):
+    MICRO_BATCH_FALLBACK."""
+    from node.config import MICRO_BATCH_FALLBACK
+
+    auto = [f for f in AUTO_FIELDS if getattr(cfg, f) is None]
+    probe = cfg.replace(**{f: 1 for f in auto})
+    try:
+        p = plan_for_config(probe, config)
+    except PlanUnavailable as e:
+        why = [f"micro-batches {MICRO_BATCH_FALLBACK} (no memory plan: {e})"] if auto else []
+        return Resolved(cfg.replace(**{f: MICRO_BATCH_FALLBACK for f in auto}), None, {}, why, no_plan=str(e))
+    if not auto:
+        return Resolved(cfg, p, {}, [])
+    s = p.settings
+    need = {"micro_batch_size": max(1, s.train_sequences),  # more than a round asks for is never used
+            "gen_micro_batch": max(s.questions_per_round * s.group_size, s.eval_prompts)}
+    caps = {k: min(AUTO_MAX, v) for k, v in need.items()}
+    asked = {"micro_batch_size": f"a round trains {need['micro_batch_size']} sequences",
+             "gen_micro_batch": f"a round generates {need['gen_micro_batch']} at most"}
+    cap_why = {k: asked[k] if need[k] <= AUTO_MAX else f"{AUTO_MAX} is the most it picks" for k in caps}
+    words = {"micro_batch_size": "training micro-batch", "gen_micro_batch": "generation micro-batch"}
+    chosen: dict[str, int] = {}
+    why: list[str] = []
+    for name in AUTO_FIELDS:  # training first: on CPU generation runs on top of the heap training leaves
+        if name not in auto:
+            continue
+        picked = _pick(p, s, name, caps[name], cap_why[name])
+        if picked is None:
+            return Resolved(probe.replace(**chosen), _replan(p, s), chosen, why)
+        s = replace(s, **{name: picked[0]})
+        chosen[name] = picked[0]
+        why.append(f"{words[name]} {picked[0]}, from the memory plan: {picked[1]}")
+    return Resolved(cfg.replace(**chosen), _replan(p, s), chosen, why)
+
+
+def check_before_load(cfg: Any) -> Resolved:
+    """cfg with its micro-batches resolved (`resolve_micro_batches`); refuses (ConfigError, one sentence) a run the
+    plan says will not fit unless --no-memory-check."""
     from node.config import ConfigError
 
-    if not cfg.memory_check:
-        return None
-    try:
-        p = plan_for_config(cfg)
-    except PlanUnavailable:
-        return None
-    if not p.fits:
-        raise ConfigError(refusal(p))
-    return p
+    r = resolve_micro_batches(cfg)
+    if cfg.memory_check and not r.fits():
+        raise ConfigError(refusal(r.plan, frozenset(f for f in AUTO_FIELDS if getattr(cfg, f) is None)))  # type: ignore[arg-type]
+    return r
 
 
 def budget_override() -> int | None:
@@ -450,15 +562,22 @@ def budget_override() -> int | None:
 
 
 def run_dry_run(cfg: Any) -> int:
-    """`join --dry-run`: print the plan (only the model's config is read) and whether it fits; 0 fits, 1 does not."""
+    """`join --dry-run`: print the plan (only the model's config is read), the micro-batches it picks where none were
+    given, and whether it fits; 0 fits, 1 does not."""
     import sys
 
+    auto = frozenset(f for f in AUTO_FIELDS if getattr(cfg, f) is None)
     try:
-        p = plan_for_config(cfg)
-    except (PlanUnavailable, ValueError) as e:  # ValueError: an unusable --device
+        r = resolve_micro_batches(cfg)
+    except ValueError as e:  # an unusable --device
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(p.format())
-    if not p.fits:
-        print(refusal(p).replace(" (`join --dry-run` prints the plan; --no-memory-check starts anyway)", ""))
-    return 0 if p.fits else 1
+    if r.plan is None:
+        print(f"error: {r.no_plan}", file=sys.stderr)
+        return 2
+    for line in r.why:  # before the plan, whose last line says whether it fits
+        print(line)
+    print(r.plan.format())
+    if not r.plan.fits:
+        print(refusal(r.plan, auto).replace(" (`join --dry-run` prints the plan; --no-memory-check starts anyway)", ""))
+    return 0 if r.plan.fits else 1

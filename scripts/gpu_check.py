@@ -63,7 +63,7 @@ def child(args: argparse.Namespace) -> None:
     import trio
 
     from node.config import NodeConfig
-    from node.memory_plan import plan_for_config
+    from node.memory_plan import resolve_micro_batches
     from node.policy import load_policy
     from node.run import NodeRuntime
     from protocol.identity import Identity
@@ -85,7 +85,10 @@ def child(args: argparse.Namespace) -> None:
                      max_new_tokens=args.max_new_tokens, questions_per_round=args.questions, local=args.questions,
                      external=0, group_size=args.group_size, checkpoint_dir=str(work / f"ck-{args.mode}"),
                      checkpoint_every=args.rounds, memory_check=False)
-    plan = plan_for_config(cfg)  # before the model loads, as join does: mem_get_info sees an empty GPU
+    # before the model loads, as join does (mem_get_info sees an empty GPU); micro-batches not given are picked by the
+    # plan, as join picks them
+    resolved = resolve_micro_batches(cfg)
+    cfg, plan = resolved.cfg, resolved.plan
     policy = load_policy(cfg.model, device=cfg.device, dtype=cfg.dtype)
     rows: list[dict] = []
     gen_tokens: list[int] = []
@@ -109,6 +112,7 @@ def child(args: argparse.Namespace) -> None:
     trio.run(node.run)
     out = {"mode": args.mode, "wall_s": time.perf_counter() - t0, "plan_peak": plan.peak, "free": plan.available,
            "plan_train": plan.train_peak, "plan_gen": plan.gen_peak, "device": plan.device_name,
+           "micro_batch_size": cfg.micro_batch_size, "gen_micro_batch": cfg.gen_micro_batch, "why": resolved.why,
            "rounds": [{k: r[k] for k in ("round", "gen_s", "train_s", "gen_tokens", "reserved", "allocated",
                                          "optimizer_steps", "tokens")} for r in rows],
            "trainable": sum(p.numel() for p in node.learner.trainer.params)}
@@ -123,8 +127,8 @@ def main() -> None:
     p.add_argument("--questions", type=int, default=8)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--gen-micro-batch", type=int, default=64)
+    p.add_argument("--micro-batch-size", type=int, default=None, help="default: picked by the memory plan, as join does")
+    p.add_argument("--gen-micro-batch", type=int, default=None, help="default: picked by the memory plan")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N (or cpu, with --smoke, to check the script)")
     p.add_argument("--smoke", action="store_true", help="a small model shape instead of Qwen2.5-0.5B's")
     p.add_argument("--work", default="", help="directory for the model and checkpoints (default: a temporary one)")
@@ -145,20 +149,21 @@ def main() -> None:
     name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else args.device
     print(f"{name}, torch {torch.__version__}; {'smoke' if args.smoke else 'Qwen2.5-0.5B'} shape, bf16, {args.rounds} rounds "
           f"of {args.questions} x {args.group_size} completions, max {args.max_new_tokens} new tokens, micro-batch "
-          f"{args.micro_batch_size} (training) / {args.gen_micro_batch} (generation)")
-    print("| mode | trainable | gen tokens/s | step s | peak reserved GiB | peak allocated GiB | plan GiB | "
-          "reserved vs plan |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{args.micro_batch_size or 'from the plan'} (training) / {args.gen_micro_batch or 'from the plan'} "
+          f"(generation)")
+    print("| mode | trainable | micro-batches train / gen | gen tokens/s | step s | peak reserved GiB | "
+          "peak allocated GiB | plan GiB | reserved vs plan |")
+    print("|---|---|---|---|---|---|---|---|---|")
     bad = False
     for mode in args.modes.split(","):
         cmd = [sys.executable, __file__, "--child", "--mode", mode, "--work", str(work)] + [
             f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
             ("rounds", "lora_r", "questions", "group_size", "max_new_tokens", "micro_batch_size", "gen_micro_batch",
-             "device")] + (["--smoke"] if args.smoke else [])
+             "device") if getattr(args, k) is not None] + (["--smoke"] if args.smoke else [])
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = next((x for x in res.stdout.splitlines() if x.startswith("RESULT ")), None)
         if res.returncode != 0 or line is None:
-            print(f"| {mode} | failed: {(res.stderr.strip().splitlines() or ['?'])[-1][:200]} |||||||")
+            print(f"| {mode} | failed: {(res.stderr.strip().splitlines() or ['?'])[-1][:200]} ||||||||")
             bad = True
             continue
         out = json.loads(line[len("RESULT "):])
@@ -169,7 +174,10 @@ def main() -> None:
         allocated = max(r["allocated"] for r in out["rounds"])
         err = (reserved - out["plan_peak"]) / out["plan_peak"]
         bad |= abs(err) > 0.25 or any(r["optimizer_steps"] < 1 for r in out["rounds"])
-        print(f"| {mode} | {out['trainable']:,} | {tps:,.0f} | {step:.2f} | {reserved / GiB:.2f} | "
+        for line in out["why"]:
+            print(f"  ({mode}: {line})")
+        print(f"| {mode} | {out['trainable']:,} | {out['micro_batch_size']} / {out['gen_micro_batch']} | {tps:,.0f} | "
+              f"{step:.2f} | {reserved / GiB:.2f} | "
               f"{allocated / GiB:.2f} | {out['plan_peak'] / GiB:.2f} | {err:+.0%} |", flush=True)
     print(f"(model and checkpoints in {work}; 'plan' is node.memory_plan's peak for these settings on this GPU)")
     sys.exit(1 if bad else 0)
