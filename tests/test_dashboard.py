@@ -65,6 +65,19 @@ def test_history_is_bounded_and_incremental():
     assert NodeRuntime.history_since(node, doc["next"])["rows"] == []
 
 
+def test_a_missing_browser_skips_saying_how_to_install_it_and_fails_on_ci(monkeypatch, tmp_path):
+    import tests.browser as browser
+
+    monkeypatch.setattr(browser, "_find", lambda names: None)
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("SWARM_NODE_REQUIRE_BROWSER", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no chromium binary.*scripts/setup.sh"):
+        browser.chromium_driver(tmp_path)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="browser test required here: no chromium"):
+        browser.chromium_driver(tmp_path)
+
+
 # -- the page in a real browser ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
