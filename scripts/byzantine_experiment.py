@@ -6,7 +6,7 @@ byzantine peers, compared on the honest nodes' held-out greedy accuracy.
 
 For each variant it starts a fresh swarm on loopback (fresh swarm name, fresh run directory under DIR/<variant>):
 - "clean": N honest `swarm-node join` processes (--seed i, --threads 1, node 0 is everybody's bootstrap);
-- "<mode>": the same first N-B honest processes (same seeds, same flags) + B `python -m swarm.byzantine --mode <mode>`
+- "<mode>": the same first N-B honest processes (same seeds, same flags) + B `python -m tests.byzantine --mode <mode>`
   processes in place of the last B honest ones, each publishing `--byz-groups` groups every `1/--byz-rate` seconds
   (an honest tiny node shares 32 groups per ~1 s round).
 Every honest node waits for N-1 peers before its first round (byzantine peers count: they are ordinary mesh peers),
@@ -78,7 +78,7 @@ def run_variant(name: str, mode: str | None, args: argparse.Namespace, out: Path
             bd.mkdir()
             f = open(bd / "stdout.log", "w")
             logs.append(f)
-            cmd = [sys.executable, "-m", "swarm.byzantine", "--mode", mode, "--swarm", swarm, "--bootstrap", boot,
+            cmd = [sys.executable, "-m", "tests.byzantine", "--mode", mode, "--swarm", swarm, "--bootstrap", boot,
                    "--rate", str(args.byz_rate), "--groups", str(args.byz_groups), "--seed", str(args.seed + 100 + j),
                    "--json", str(bd / "report.json")]
             procs[f"byz-{j}"] = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)

@@ -1,6 +1,9 @@
 """A reusable byzantine peer: joins a swarm as an ordinary mesh participant, then misbehaves in one chosen mode.
 
-    python -m swarm.byzantine --mode false_rewards --swarm S --bootstrap /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW... \
+A test tool, not product code: it lives in tests/ with the other hostile peers (hostile.py) and test doubles
+(doubles.py), outside the installed packages; scripts/byzantine_experiment.py runs it from the repository root.
+
+    python -m tests.byzantine --mode false_rewards --swarm S --bootstrap /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW... \
         --duration 60 [--rate 1] [--json stats.json]
 
 The peer runs a real `swarm.mesh.Mesh` (Noise, gossipsub, signed Hellos, peer exchange), so honest nodes see a normal
@@ -62,8 +65,8 @@ from protocol.messages import (
     TaskRef,
 )
 
-from .host import key_pair_for
-from .mesh import Mesh, MeshConfig, topic_for
+from swarm.host import key_pair_for
+from swarm.mesh import Mesh, MeshConfig, topic_for
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +416,7 @@ class ByzantinePeer:
 # ---- command line ------------------------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m swarm.byzantine", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tests.byzantine", description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", required=True, choices=MODES)
     p.add_argument("--swarm", required=True)
     p.add_argument("--bootstrap", action="append", default=[], help="multiaddr of a peer (repeatable)")

@@ -1,4 +1,5 @@
-"""Adversarial test peers (for tests only): they speak real libp2p but skip our validation.
+"""Test doubles (test tools, not product code): hand-built messages (dummy rollouts, forged or malformed envelopes)
+and adversarial test peers that speak real libp2p but skip our validation.
 
 - `RawPublisher`: a stock py-libp2p gossipsub peer (Noise, proper libp2p signing) that publishes arbitrary bytes on a
   topic: forged envelopes, replays, oversized or cross-swarm messages reach the victim's validator.
@@ -33,7 +34,7 @@ from protocol.envelope import Envelope, encode_envelope, read_envelope, seal
 from protocol.identity import Identity
 from protocol.messages import PROTOCOL_VERSION, Rollout, RolloutBatch, TaskRef
 
-from .host import build_host, build_router, key_pair_for
+from swarm.host import build_host, build_router, key_pair_for
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 TAMPER_ME = "tamper-me"

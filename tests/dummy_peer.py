@@ -1,6 +1,6 @@
 """A runnable test peer: runs a Mesh, prints its multiaddr, publishes small dummy rollout batches, logs what arrives.
 
-    python -m swarm.peer --swarm s [--listen MA] [--bootstrap MA ...] [--publish-every 1] [--out file.jsonl]
+    python -m tests.dummy_peer --swarm s [--listen MA] [--bootstrap MA ...] [--publish-every 1] [--out file.jsonl]
 
 stdout gets one line `LISTEN <multiaddr>` per listen address once the mesh is up (then nothing else), so a parent
 process can read it. --out gets JSON lines: {"event": "received" | "published" | "stats", ...}.
@@ -20,8 +20,8 @@ import trio
 
 from protocol.identity import Identity, load_or_create_identity
 
-from .mesh import Mesh, MeshConfig
-from .testing import dummy_rollouts
+from swarm.mesh import Mesh, MeshConfig
+from tests.doubles import dummy_rollouts
 
 
 def _write(out: IO[str] | None, obj: dict[str, Any]) -> None:
@@ -91,7 +91,7 @@ async def _stop_after(nursery: trio.Nursery, seconds: float) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m swarm.peer", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tests.dummy_peer", description=__doc__.splitlines()[0])
     p.add_argument("--swarm", required=True)
     p.add_argument("--listen", default="/ip4/0.0.0.0/tcp/0")
     p.add_argument("--bootstrap", nargs="*", default=[], metavar="MULTIADDR")

@@ -1,6 +1,6 @@
 """Hostile peers that speak the protocol correctly and aim at what a node trains on (test tools, not product code).
 
-Each one joins a swarm as a normal mesh peer (swarm.byzantine.ByzantinePeer's machinery) and publishes well-formed,
+Each one joins a swarm as a normal mesh peer (tests.byzantine.ByzantinePeer's machinery) and publishes well-formed,
 correctly signed batches whose groups would carry a training signal if the receiver trusted the wrong thing:
 
   hidden    arith groups where half the completions hide the gold answer where training never sees it: after our
@@ -18,7 +18,7 @@ from typing import Sequence
 from protocol.envelope import seal
 from protocol.identity import Identity
 from protocol.messages import Rollout, TaskRef
-from swarm.byzantine import ARITH_CONFIG, TRAIN_SEEDS, ByzantinePeer, _libp2p_message, arith_ref
+from tests.byzantine import ARITH_CONFIG, TRAIN_SEEDS, ByzantinePeer, _libp2p_message, arith_ref
 from verifiers.tasks import build_task, heldout_refs
 
 KINDS = ("hidden", "heldout", "foreign", "sybils")

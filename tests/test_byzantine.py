@@ -1,4 +1,4 @@
-"""Byzantine peers (swarm.byzantine) against two real `swarm-node join` processes over the real py-libp2p mesh.
+"""Byzantine peers (tests.byzantine) against two real `swarm-node join` processes over the real py-libp2p mesh.
 
 One attack phase (all modes at once, each from its own identity, in this process) feeds every test below: honest
 nodes accept no forged / replayed / cross-swarm / wrong-version message, count each rejection by reason, drop unknown
@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from protocol.messages import Rollout
-from swarm.byzantine import ByzantinePeer
+from tests.byzantine import ByzantinePeer
 from swarm.validator import RateLimit
 from tests.join_procs import make_nodes, wait_for
 from verifiers.rewards import reward

@@ -30,7 +30,7 @@ from protocol.envelope import read_envelope, seal
 from protocol.identity import Identity
 from protocol.messages import PROTOCOL_VERSION, Hello
 from scripts import fuzz_validator as fv
-from swarm.testing import dummy_rollouts, make_batch
+from tests.doubles import dummy_rollouts, make_batch
 from swarm.validator import MessageValidator, RateLimit, Rejected
 
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True,

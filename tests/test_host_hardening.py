@@ -21,7 +21,7 @@ from protocol.identity import Identity
 from swarm.host import (GOSSIP_RETRANSMISSION, LIBP2P_VALIDATION_CACHE_TTL_S, SEEN_TTL_S, build_host, build_pubsub,
                         build_router, validation_cache_ttl_for)
 from swarm.mesh import Mesh, MeshConfig, Received
-from swarm.testing import GossipProbe, dummy_rollouts, iwant_rpc, make_batch, resubscribe_rpc
+from tests.doubles import GossipProbe, dummy_rollouts, iwant_rpc, make_batch, resubscribe_rpc
 
 SWARM = "hh"
 LOOP = "/ip4/127.0.0.1/tcp/0"

@@ -14,7 +14,7 @@ import trio
 from protocol.envelope import seal
 from protocol.identity import Identity
 from swarm.mesh import topic_for
-from swarm.testing import GarbageStreamPeer, RawPublisher, bad_envelopes, make_batch
+from tests.doubles import GarbageStreamPeer, RawPublisher, bad_envelopes, make_batch
 from tests.join_procs import make_nodes, wait_for
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import trio
 
 from protocol.envelope import seal
 from swarm.mesh import topic_for
-from swarm.testing import RawPublisher, forge_signature, make_batch
+from tests.doubles import RawPublisher, forge_signature, make_batch
 from tests.join_procs import RelayProc, make_nodes, make_relays, wait_for
 
 pytestmark = pytest.mark.slow

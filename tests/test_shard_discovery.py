@@ -91,7 +91,7 @@ async def test_a_node_keeps_peers_of_every_shard_and_reaches_each_one_it_rotates
     8 per shard: all three loners, all the time, and as its fan-in rotates through shards 1-3 it connects to each
     loner and receives its batches."""
     from swarm.mesh import Mesh, MeshConfig
-    from swarm.testing import dummy_rollouts
+    from tests.doubles import dummy_rollouts
 
     S = 4
     base = dict(swarm="disc-t", listen="/ip4/127.0.0.1/tcp/0", heartbeat_s=0.5, hello_interval_s=1.0,

@@ -135,7 +135,7 @@ async def test_sharded_meshes_hear_only_their_shard_and_still_discover_everyone(
     import trio
 
     from swarm.mesh import Mesh, MeshConfig
-    from swarm.testing import dummy_rollouts
+    from tests.doubles import dummy_rollouts
 
     async def start(nursery, ident: Identity, *bootstrap: Mesh, **kw) -> Mesh:
         cfg = MeshConfig(swarm="shard-t", listen="/ip4/127.0.0.1/tcp/0", heartbeat_s=0.5, hello_interval_s=1.0,
@@ -176,7 +176,7 @@ async def test_fanin_rotates_with_the_round() -> None:
     import trio
 
     from swarm.mesh import Mesh, MeshConfig
-    from swarm.testing import dummy_rollouts
+    from tests.doubles import dummy_rollouts
 
     async with trio.open_nursery() as n:
         cfg = dict(swarm="shard-r", listen="/ip4/127.0.0.1/tcp/0", heartbeat_s=0.2, hello_interval_s=1.0,

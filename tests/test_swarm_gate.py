@@ -14,9 +14,9 @@ from protocol.identity import Identity
 from protocol.messages import Rollout, TaskRef
 from libp2p.pubsub.pb import rpc_pb2
 
-from swarm.byzantine import _libp2p_message
+from tests.byzantine import _libp2p_message
 from swarm.mesh import Mesh, MeshConfig, topic_for
-from swarm.testing import RawPublisher, make_batch
+from tests.doubles import RawPublisher, make_batch
 
 SWARM = "gate"
 LOOP = "/ip4/127.0.0.1/tcp/0"

@@ -14,7 +14,7 @@ from protocol.messages import Rollout, TaskRef
 from libp2p.peer.id import ID
 
 from swarm.mesh import Mesh, MeshConfig, Received, topic_for
-from swarm.testing import (GarbageStreamPeer, PlaintextDialer, RawPublisher, bad_envelopes, bad_key_publish_frame,
+from tests.doubles import (GarbageStreamPeer, PlaintextDialer, RawPublisher, bad_envelopes, bad_key_publish_frame,
                            dummy_rollouts, make_batch)
 
 SWARM = "t"
@@ -324,7 +324,7 @@ async def test_lost_peers_are_redialed_without_hellos_or_bootstrap() -> None:
 async def test_sybil_identities_are_admitted_at_a_bounded_rate() -> None:
     """A peer publishing every batch from a fresh identity (nothing invalid, so no per-sender limit or strike ever
     applied before): the victim now admits new identities at new_senders_per_s after a burst."""
-    from swarm.byzantine import ByzantinePeer
+    from tests.byzantine import ByzantinePeer
 
     async with trio.open_nursery() as n:
         b = await start(n)

@@ -1,4 +1,4 @@
-"""Three real OS processes (python -m swarm.peer) exchange batches; SIGKILL of one leaves the other two exchanging."""
+"""Three real OS processes (python -m tests.dummy_peer) exchange batches; SIGKILL of one leaves the other two exchanging."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def spawn(tmp: Path, name: str, *bootstrap: str) -> tuple[subprocess.Popen[str], Path]:
     out = tmp / f"{name}.jsonl"
-    cmd = [sys.executable, "-m", "swarm.peer", "--swarm", "proc", "--listen", "/ip4/127.0.0.1/tcp/0",
+    cmd = [sys.executable, "-m", "tests.dummy_peer", "--swarm", "proc", "--listen", "/ip4/127.0.0.1/tcp/0",
            "--publish-every", "0.5", "--heartbeat", "0.5", "--hello-interval", "1", "--backoff-max", "2",
            "--stats-every", "1", "--out", str(out)]
     if bootstrap:

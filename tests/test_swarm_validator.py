@@ -6,7 +6,7 @@ import pytest
 from protocol.envelope import seal
 from protocol.identity import Identity
 from protocol.messages import PROTOCOL_VERSION, Hello
-from swarm.testing import bad_envelopes, dummy_rollouts, forge_signature, make_batch
+from tests.doubles import bad_envelopes, dummy_rollouts, forge_signature, make_batch
 from swarm.validator import REASONS, MessageValidator, PeerStanding, RateLimit, Rejected
 
 SWARM = "test"
