@@ -384,7 +384,7 @@ def fisher_yates_fanin(peer_id: str, shards: int, fanin: int, epoch: int) -> tup
 
 def time_reach(book: PeerBook, shards: int, fanin: int) -> tuple[float, float, int]:
     """CPU ms of one Mesh._reach_shards pass over a node's book: its line that computes every known peer's shards
-    (swarm/mesh.py), timed in-process with today's swarm.shards and with the old Fisher-Yates order (a sample)."""
+    (swarm/subscriptions.py), timed in-process with today's swarm.shards and with the old Fisher-Yates order (a sample)."""
     def one(fn, kps: list[KnownPeer]) -> float:  # CPU time (the machine is shared), best of 3
         best = math.inf
         for _ in range(3):
