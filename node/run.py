@@ -82,8 +82,10 @@ class NodeRuntime:
         )
         self.round = int(state["round"]) + 1
         self.last_saved = int(state["round"])
-        self.history.extend(state.get("extra", {}).get("history", []))
-        self.curves.extend(curve_row(h) for h in self.history)
+        extra = state.get("extra", {})
+        self.history.extend(extra.get("history", []))
+        # the dashboard's curves carry on from the whole saved run (older checkpoints: their last 100 rounds)
+        self.curves.extend(extra.get("curves") or [curve_row(h) for h in self.history])
         log.info("resumed from %s (after round %d)", path, self.round)  # logs count rounds from 1
         return self.last_saved
 
@@ -107,7 +109,8 @@ class NodeRuntime:
         if self.last_saved == r:  # the write we waited for was this round's
             return
         history = list(self.history) + ([latest] if latest is not None else [])
-        extra = {"history": _jsonable_rows(history[-100:])}
+        curves = list(self.curves) + ([curve_row(latest)] if latest is not None else [])
+        extra = {"history": _jsonable_rows(history[-100:]), "curves": curves[-CURVE_ROUNDS:]}
         snap = await trio.to_thread.run_sync(
             lambda: snapshot(self.policy.model, self.learner.trainer.optimizer, self.rng))
         self._saved_at = time.monotonic()  # the work up to here is in the snapshot

@@ -92,6 +92,10 @@ def test_resume_gives_the_same_parameters_as_a_straight_run(tmp_path):
         NodeConfig(rounds=6, checkpoint_dir=str(tmp_path / "b"), resume=True, **base), ident, lambda: load_policy("tiny")
     )
     assert resumed.round == 6 and resumed.last_saved == 5
+    # the dashboard's curves span the whole run after a resume, round for round as the straight run drew them
+    assert [r["round"] for r in resumed.history_since(0)["rows"]] == list(range(6))
+    assert [r["reward_mean"] for r in resumed.history_since(0)["rows"]] == \
+           [r["reward_mean"] for r in straight.history_since(0)["rows"]]
     a = dict(straight.policy.model.named_parameters())
     for name, p in resumed.policy.model.named_parameters():
         assert torch.equal(p, a[name]), name
