@@ -238,6 +238,8 @@ def status(ports: tuple[int, ...], as_json: bool) -> None:
             failed += 1
             continue
         click.echo(json.dumps(s, indent=2) if as_json else format_status(s))
+        if not as_json:
+            click.echo(f"page     http://127.0.0.1:{port}/  (the live dashboard)")
         click.echo()
     sys.exit(1 if failed else 0)
 

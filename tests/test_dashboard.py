@@ -10,6 +10,8 @@ import json
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -223,3 +225,6 @@ def test_relay_dashboard_lists_peers_without_curves(swarm, browser):
     assert "batches relayed" in page["peer_head"] and "trained on" not in page["peer_head"]
     assert page["peers"][a.identity.peer_id][1] == "tiny" and page["peer_id"] == relay.identity.peer_id
     assert relay.status()["process"]["torch_loaded"] is False  # serving the page pulled no torch into the relay
+    shown = subprocess.run([sys.executable, "-m", "node.cli", "status", str(relay.status_port)], capture_output=True,
+                           text=True, timeout=60)
+    assert f"page     http://127.0.0.1:{relay.status_port}/" in shown.stdout  # `swarm-node status` names the page
