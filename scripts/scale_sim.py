@@ -482,6 +482,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--known", choices=["shard", "lru"], default="shard",
                     help="Discovery.known: shard-aware (swarm.peerbook) or the old 128 most recently heard")
+    ap.add_argument("--sharded-only", action="store_true", help="skip the one-topic rows")
     ap.add_argument("--json", default="", help="also write the rows to this JSON file")
     ap.add_argument("--plot", default="", help="also draw the rows to this PNG (matplotlib)")
     args = ap.parse_args()
@@ -489,7 +490,8 @@ def main() -> int:
     val_ms, size = measure_validation_ms()
     rows: list[Row] = []
     for n in args.nodes:
-        rows.append(simulate(n, 1, 1, args, args.seed))
+        if not args.sharded_only:
+            rows.append(simulate(n, 1, 1, args, args.seed))
         s = args.shards or auto_shards(n, args.shard_size)
         if s > 1:
             rows.append(simulate(n, s, args.fanin, args, args.seed))
