@@ -1,8 +1,15 @@
-"""Does the dashboard slow a node down? One tiny node (--threads 1), its round time with the page open in headless
-Chromium (polling /history and /status every 2 s) against the same browser on about:blank, in alternating phases of
---rounds rounds (ABAB..., so drift in the machine's load falls on both); then the cost of one poll, served.
+"""Does the dashboard slow a node down? One tiny node (--threads 1) and one headless Chromium, in phases of --rounds
+rounds that cycle through three modes, so drift in the machine's load falls on all of them:
 
-Usage: .venv/bin/python scripts/bench_dashboard.py [--rounds 15] [--phases 6] [--out runs/bench_dashboard]
+  closed   the browser on about:blank
+  page     the browser on the node's dashboard (it polls /history?since=N, then /status, every 2 s)
+  polled   the browser on about:blank, and this script making the page's requests at the page's rate
+
+"polled" is the node's own cost of serving the page; "page" adds the browser's rendering, which competes with the node
+for the machine's cores. Per phase: the rounds' median wall time, the node's CPU seconds a round (all its threads) and
+the browser's (chromedriver, chromium and its helpers). Then the cost of one poll, served.
+
+Usage: .venv/bin/python scripts/bench_dashboard.py [--rounds 20] [--phases 12] [--out runs/bench_dashboard]
 Writes OUT/result.json; docs/benchmarks.md has the figures.
 """
 from __future__ import annotations
@@ -14,6 +21,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -31,10 +39,46 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds of `root` and all its descendants now alive (the browser: chromedriver, chromium and its helpers)."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    tree, frontier = {root}, [root]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier and p not in tree]
+        tree.update(kids)
+        frontier = kids
+    total = 0.0
+    for pid in tree:
+        try:
+            total += cpu_s(pid)
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def poll_like_the_page(port: int, stop: threading.Event) -> None:
+    """The page's requests without the page: /history since the last round seen, then /status, every 2 s."""
+    since = 0
+    while not stop.wait(2.0):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/history?since={since}", timeout=5) as r:
+            since = json.loads(r.read())["next"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as r:
+            r.read()
+
+
+MODES = ("closed", "page", "polled")  # browser on about:blank / on the dashboard / about:blank + a script polling
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=15, help="rounds per phase")
-    ap.add_argument("--phases", type=int, default=6, help="phases in all (closed, open, closed, ...)")
+    ap.add_argument("--rounds", type=int, default=20, help="rounds per phase")
+    ap.add_argument("--phases", type=int, default=12, help="phases in all (closed, page, polled, closed, ...)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_dashboard"))
     a = ap.parse_args()
     out = Path(a.out)
@@ -50,26 +94,32 @@ def main() -> int:
     driver = chromium_driver(out)
     phases: list[dict] = []
     try:
-        while len(read_metrics(metrics)) < 3:  # warm-up rounds (first allocations) count in neither
+        while len(read_metrics(metrics)) < 3:  # warm-up rounds (first allocations) count in no phase
             if node.poll() is not None:
                 raise SystemExit(f"node exited: {(out / 'stdout.log').read_text()[-2000:]}")
             time.sleep(0.5)
         for i in range(a.phases):
-            page_open = i % 2 == 1
-            driver.get(f"http://127.0.0.1:{port}/" if page_open else "about:blank")
+            mode = MODES[i % len(MODES)]
+            driver.get(f"http://127.0.0.1:{port}/" if mode == "page" else "about:blank")
+            stop = threading.Event()
+            poller = threading.Thread(target=poll_like_the_page, args=(port, stop), daemon=True)
+            if mode == "polled":
+                poller.start()
             start = len(read_metrics(metrics))
-            while len(read_metrics(metrics)) == start:  # phase starts at a round boundary (for the CPU count)
+            while len(read_metrics(metrics)) == start:  # a phase starts at a round boundary (for the CPU counts)
                 time.sleep(0.05)
-            start, cpu0 = start + 1, cpu_s(node.pid)
+            start, cpu0, bcpu0 = start + 1, cpu_s(node.pid), tree_cpu_s(driver.service.process.pid)
             while len(read_metrics(metrics)) < start + a.rounds:
                 time.sleep(0.05)
-            cpu = cpu_s(node.pid) - cpu0
+            cpu, bcpu = cpu_s(node.pid) - cpu0, tree_cpu_s(driver.service.process.pid) - bcpu0
+            stop.set()
             rows = read_metrics(metrics)[start:start + a.rounds]
-            updates = driver.execute_script("return document.body && document.body.dataset.updates") if page_open else None
-            phases.append({"open": page_open, "wall_s": [r["wall_s"] for r in rows], "page_updates": updates,
-                           "cpu_s_per_round": cpu / a.rounds})
-            print(f"phase {i + 1}: page {'open  ' if page_open else 'closed'} median round "
-                  f"{statistics.median(phases[-1]['wall_s']):.3f}s, node CPU {cpu / a.rounds:.3f}s a round "
+            updates = driver.execute_script("return document.body && document.body.dataset.updates") \
+                if mode == "page" else None
+            phases.append({"mode": mode, "wall_s": [r["wall_s"] for r in rows], "page_updates": updates,
+                           "cpu_s_per_round": cpu / a.rounds, "browser_cpu_s_per_round": bcpu / a.rounds})
+            print(f"phase {i + 1}: {mode:7s} median round {statistics.median(phases[-1]['wall_s']):.3f}s, node CPU "
+                  f"{cpu / a.rounds:.3f}s a round, browser CPU {bcpu / a.rounds:.3f}s a round "
                   f"({len(rows)} rounds, page updates {updates})", flush=True)
         driver.get("about:blank")
         serve_ms = []  # one poll as the page does it: /history since the last round, then /status
@@ -89,23 +139,25 @@ def main() -> int:
         driver.quit()
         node.send_signal(signal.SIGTERM)
         node.wait(timeout=60)
-    closed = [x for p in phases if not p["open"] for x in p["wall_s"]]
-    opened = [x for p in phases if p["open"] for x in p["wall_s"]]
-    res = {
-        "rounds_closed": len(closed), "rounds_open": len(opened),
-        "median_round_s_closed": round(statistics.median(closed), 4),
-        "median_round_s_open": round(statistics.median(opened), 4),
-        "mean_round_s_closed": round(statistics.mean(closed), 4), "mean_round_s_open": round(statistics.mean(opened), 4),
-        "cpu_s_per_round_closed": round(statistics.mean(p["cpu_s_per_round"] for p in phases if not p["open"]), 4),
-        "cpu_s_per_round_open": round(statistics.mean(p["cpu_s_per_round"] for p in phases if p["open"]), 4),
-        "phases": [{"open": p["open"], "median_round_s": round(statistics.median(p["wall_s"]), 4),
-                    "cpu_s_per_round": round(p["cpu_s_per_round"], 4), "page_updates": p["page_updates"]}
+    res: dict = {}
+    for mode in MODES:
+        walls = [x for p in phases if p["mode"] == mode for x in p["wall_s"]]
+        res[mode] = {"rounds": len(walls), "median_round_s": round(statistics.median(walls), 4),
+                     "mean_round_s": round(statistics.mean(walls), 4),
+                     "node_cpu_s_per_round": round(statistics.mean(p["cpu_s_per_round"] for p in phases
+                                                                   if p["mode"] == mode), 4),
+                     "browser_cpu_s_per_round": round(statistics.mean(p["browser_cpu_s_per_round"] for p in phases
+                                                                      if p["mode"] == mode), 4)}
+    res.update({
+        "phases": [{"mode": p["mode"], "median_round_s": round(statistics.median(p["wall_s"]), 4),
+                    "cpu_s_per_round": round(p["cpu_s_per_round"], 4),
+                    "browser_cpu_s_per_round": round(p["browser_cpu_s_per_round"], 4), "page_updates": p["page_updates"]}
                    for p in phases],
         "poll_ms_median": round(statistics.median(serve_ms), 2), "poll_ms_p90": round(sorted(serve_ms)[44], 2),
         "full_history_ms_median": round(statistics.median(full_ms), 2), "full_history_bytes": size,
         "history_rounds": len(read_metrics(metrics)),
         "load": os.getloadavg(), "cpus": os.cpu_count(),
-    }
+    })
     (out / "result.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
     return 0
