@@ -14,7 +14,8 @@ Exit 1 when a node died, a node did not exit 0 on SIGTERM, or a node's RSS grew 
 second half (by the fitted line; the first half is warm-up: allocator pools, torch caches, peers arriving).
 --fit-last sets that window's share of the run (0.5: the second half). --rounds N gives each node --rounds N: the soak
 ends when all have finished (exit 0 there is not a death) or at --minutes. Per round, the summary also keeps the
-largest RSS sampled while the node was in that round, its fitted slope per round over the window and max - min there.
+largest and smallest RSS sampled while the node was in that round (its peak and the floor it returns to), their
+fitted slopes per round over the window and max - min there.
 --signal runs each node through scripts/soak_node.py (`join` with every group's rewards alternating 1/0), so a model
 with random weights trains every round. Linux only (/proc).
 """
@@ -98,20 +99,26 @@ def node_summary(i: int, samples: list[dict], duration: float, rounds: int, died
 
 
 def per_round(mine: list[dict], fit_last: float) -> dict[str, Any]:
-    """RSS by round: the largest sample while the node's status said that round (the peak of its phases), a line
-    fitted over the last fit_last of the rounds seen (MB per round) and max - min there."""
-    by_round: dict[int, float] = {}
+    """RSS by round: the largest sample while the node's status said that round (the peak of its phases) and the
+    smallest (the floor it returns to), lines fitted through both over the last fit_last of the rounds seen (MB per
+    round) and max - min of each there."""
+    peak: dict[int, float] = {}
+    floor: dict[int, float] = {}
     for s in mine:
         if s.get("round") is not None:
-            by_round[s["round"]] = max(by_round.get(s["round"], 0.0), s["rss_kb"] / 1024)
-    rounds = sorted(by_round)
+            mb = s["rss_kb"] / 1024
+            peak[s["round"]] = max(peak.get(s["round"], 0.0), mb)
+            floor[s["round"]] = min(floor.get(s["round"], mb), mb)
+    rounds = sorted(peak)
     window = rounds[int(len(rounds) * (1 - fit_last)):]
-    line = fit([(r, by_round[r]) for r in window])
-    vals = [by_round[r] for r in window]
-    return {"rss_mb_by_round": {str(r): round(by_round[r], 1) for r in rounds},
-            "round_window": [window[0], window[-1]] if window else None,
-            "rss_mb_slope_per_round": round(line[0], 3) if line else None,
-            "rss_mb_round_window_spread": round(max(vals) - min(vals), 1) if vals else None}
+    out: dict[str, Any] = {"round_window": [window[0], window[-1]] if window else None}
+    for name, by_round in (("", peak), ("_floor", floor)):
+        line = fit([(r, by_round[r]) for r in window])
+        vals = [by_round[r] for r in window]
+        out[f"rss_mb{name}_by_round"] = {str(r): round(by_round[r], 1) for r in rounds}
+        out[f"rss_mb{name}_slope_per_round"] = round(line[0], 3) if line else None
+        out[f"rss_mb{name}_round_window_spread"] = round(max(vals) - min(vals), 1) if vals else None
+    return out
 
 
 def main() -> int:
@@ -246,7 +253,7 @@ def main() -> int:
     ok = not (grew or bad_exit or died)
 
     hdr = (f"{'node':>4} {'rss start':>9} {'end':>6} {'max':>6} {'MB/10min':>8} {'growth':>7} {'MB/round':>8} "
-           f"{'spread':>6} "
+           f"{'spread':>6} {'floor/round':>11} {'spread':>6} "
            f"{'fds start':>9} {'end':>4} {'max':>4} {'fd/10min':>8} {'rounds':>6}  ended")
     print(hdr)
     for nd in nodes:
@@ -254,7 +261,8 @@ def main() -> int:
         ended = f"died at {died_at[nd['node']]:.0f}s" if nd["died"] else f"rc={nd['exit_code']}"
         print(f"{nd['node']:>4} {nd['rss_mb_start'] or 0:>9.1f} {nd['rss_mb_end'] or 0:>6.1f} {nd['rss_mb_max'] or 0:>6.1f} "
               f"{_num(nd['rss_mb_slope_per_10min']):>8} {_pct(g):>7} {_num(nd['rss_mb_slope_per_round']):>8} "
-              f"{_num(nd['rss_mb_round_window_spread']):>6} {_num(nd['fds_start']):>9} {_num(nd['fds_end']):>4} "
+              f"{_num(nd['rss_mb_round_window_spread']):>6} {_num(nd['rss_mb_floor_slope_per_round']):>11} "
+              f"{_num(nd['rss_mb_floor_round_window_spread']):>6} {_num(nd['fds_start']):>9} {_num(nd['fds_end']):>4} "
               f"{_num(nd['fds_max']):>4} {_num(nd['fds_slope_per_10min']):>8} {nd['rounds']:>6}  {ended}")
     verdict = "OK" if ok else (f"FAIL: died {died} " if died else "FAIL: ") + \
         (f"non-zero exit {bad_exit} " if bad_exit else "") + (f"RSS grew >{args.max_growth:.0%} {grew}" if grew else "")
