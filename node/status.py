@@ -10,6 +10,7 @@ ever waits on the round loop, which runs torch in worker threads).
 from __future__ import annotations
 
 import json
+import logging
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import trio
+
+log = logging.getLogger(__name__)
 
 MAX_REQUEST = 8192
 DASHBOARD = Path(__file__).with_name("assets") / "dashboard.html"
@@ -48,7 +51,10 @@ def _host_ok(headers: dict[str, str]) -> bool:
 def respond(method: bytes, target: str, headers: dict[str, str], get_status: Callable[[], dict[str, Any]],
             get_history: Callable[[int], dict[str, Any]] | None = None) -> tuple[str, str, bytes]:
     """(status line, content type, body) for one request; pure, so it is tested without a socket."""
-    url = urllib.parse.urlsplit(target)
+    try:
+        url = urllib.parse.urlsplit(target)
+    except ValueError:  # e.g. "//[x": not a URL at all
+        return "400 Bad Request", "application/json", b'{"error": "bad request target"}'
     path, query = url.path, urllib.parse.parse_qs(url.query)
     if method not in (b"GET", b"HEAD"):
         return "405 Method Not Allowed", "application/json", b'{"error": "only GET"}'
@@ -96,7 +102,11 @@ async def serve_status(port: int, get_status: Callable[[], dict[str, Any]],
                     k, sep, v = line.decode("latin-1").partition(":")
                     if sep:
                         headers[k.strip().lower()] = v.strip()
-                code, ctype, body = respond(parts[0], target, headers, get_status, get_history)
+                try:
+                    code, ctype, body = respond(parts[0], target, headers, get_status, get_history)
+                except Exception:  # a bug in building a document costs that request, never the node
+                    log.exception("status request %r failed", target[:200])
+                    code, ctype, body = "500 Internal Server Error", "application/json", b'{"error": "internal"}'
                 head = (f"HTTP/1.0 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n{HEADERS}"
                         "Connection: close\r\n\r\n")
                 await stream.send_all(head.encode() + (b"" if parts[0] == b"HEAD" else body))

@@ -48,6 +48,36 @@ def test_routes_page_json_history_and_refusals():
     assert respond(b"GET", "/status", {"host": "evil.example:8480"}, status, history)[0] == "403 Forbidden"
     assert respond(b"POST", "/status", {}, status, history)[0] == "405 Method Not Allowed"
     assert respond(b"GET", "/nope", {}, status, history)[0] == "404 Not Found"
+    for junk in ("//[x", "http://[::1", "\x00", ""):  # never a crash: the handler runs in the node's nursery
+        assert respond(b"GET", junk, {}, status, history)[0] in ("400 Bad Request", "404 Not Found")
+
+
+async def test_the_server_answers_junk_and_a_failing_document_without_dying():
+    from node.simulate import free_ports
+    from node.status import serve_status
+
+    port = free_ports(1)[0]
+
+    def broken() -> dict:
+        raise RuntimeError("a bug")
+
+    async def ask(raw: bytes) -> bytes:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(raw)
+        out = b""
+        while chunk := await stream.receive_some(65536):
+            out += chunk
+        return out
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_status, port, broken)
+        assert (await ask(b"GET /status HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.0 500")
+        assert (await ask(b"GET //[x HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.0 400")
+        assert (await ask(b"\xff\xfe garbage\r\n\r\n")).startswith(b"HTTP/1.0 405")
+        page = await ask(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        assert page.startswith(b"HTTP/1.0 200") and b"Content-Security-Policy: default-src 'none'" in page
+        assert page.endswith(dashboard_page())
+        nursery.cancel_scope.cancel()
 
 
 def test_history_is_bounded_and_incremental():
