@@ -210,6 +210,7 @@ def _balance(procs: list[JoinProc], shards: int) -> None:
     for i, p in enumerate(procs):
         while home_shard(p.identity.peer_id, shards) != i % shards:
             p.identity = Identity.generate()
+        (p.dir / "identity.key").unlink(missing_ok=True)  # make_nodes saved a random one; save_identity never overwrites
         save_identity(p.identity, p.dir / "identity.key")
 
 
