@@ -1,6 +1,6 @@
 """Simulate the gossip + sampling layer of N nodes in one process: how per-node load grows with the swarm.
 
-    python scripts/scale_sim.py                                  # N = 4 ... 10,000, one topic vs sharded (~2 min CPU)
+    python scripts/scale_sim.py                                  # N = 4 ... 10,000, one topic vs sharded (~70 s of CPU)
     python scripts/scale_sim.py --nodes 16 1000 --shards 4       # a fixed shard count instead of N / --shard-size
     python scripts/scale_sim.py --json runs/scale.json --plot docs/img/scale_sim.png   # also the rows as JSON, a plot
 
