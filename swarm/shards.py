@@ -68,7 +68,8 @@ def subscribed_shards(peer_id: str, shards: int, fanin: int, epoch: int) -> tupl
     the S - 1 other shards, position p -> others[(a * p + b) mod (S - 1)] with a coprime to S - 1 and (a, b) from one
     sha256 of (peer, cycle): O(fanin) per call. Why: `_reach_shards` (swarm/subscriptions.py) computes this for every peer in the book
     (up to 8,192) every Hello interval; the sha256-driven Fisher-Yates it replaces cost S - 1 hashes a call
-    (2.4 ms at S = 625, i.e. ~12 s of CPU per 10 s interval at 10,000 nodes; scripts/scale_sim.py, docs/scale.md).
+    (0.6 ms at S = 625: 3.2 s of CPU per 10 s interval over the 5,000-peer book of a 10,000-node swarm;
+    scripts/scale_sim.py, docs/scale.md).
     """
     _check(shards, fanin)
     home = home_shard(peer_id, shards)

@@ -89,8 +89,8 @@ def test_fanin_rotates_and_differs_between_peers():
 
 
 def test_the_fanin_of_a_peer_costs_two_hashes_at_any_shard_count(monkeypatch):
-    # Mesh._reach_shards computes this for every peer in the book (up to 8,192) every Hello interval; the old
-    # Fisher-Yates took S - 1 sha256s a call (624 at S = 625: ~12 s of CPU per 10 s at 10,000 nodes, docs/scale.md)
+    # _reach_shards computes this for every peer in the book (up to 8,192) every Hello interval; the old
+    # Fisher-Yates took S - 1 sha256s a call (624 at S = 625: 3.2 s of CPU per 10 s at 10,000 nodes, docs/scale.md)
     import swarm.shards as shards_mod
     calls = []
     real = shards_mod._h64
