@@ -128,6 +128,7 @@ def _slim_status(s: dict | None) -> dict | None:
         "lat_p50": m.get("latency_ms_p50"),
         "lat_p90": m.get("latency_ms_p90"),
         "incoming_dropped": m.get("incoming_dropped", 0),
+        "outbound_dropped_msgs": (m.get("outbound_dropped") or {}).get("msgs", 0),
         "duplicates": m.get("duplicates", 0),
         "rejections": {k: v for k, v in (m.get("rejections_by_reason") or {}).items() if v},
         "bans": m.get("bans", 0),
@@ -399,6 +400,7 @@ def analyze_share(run: dict) -> dict[str, Any]:
             "incoming_dropped": last["st"]["incoming_dropped"], "pool_duplicates": last["st"]["pool_duplicates"],
             "mesh_duplicates": last["st"]["duplicates"], "rejections": last["st"]["rejections"], "bans": last["st"].get("bans", 0),
             "dropped_publishes": last["st"]["dropped_publishes"],
+            "outbound_dropped_msgs": last["st"]["outbound_dropped_msgs"],  # refused by full per-peer send queues
             "net_wait_s": round(sum(m["net_wait_s"] for m in mrows), 6),
             "wall_s": round(sum(m["wall_s"] for m in mrows), 3),
             "max_round_net_wait_s": max((m["net_wait_s"] for m in mrows), default=None),

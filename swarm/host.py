@@ -108,10 +108,28 @@ def build_host(identity: Identity, listen: Sequence[str], *, mdns: bool = False)
 
 
 class _SizedQueues(dict):  # type: ignore[type-arg]
-    """Pubsub builds each peer's RpcQueue with the 32-slot default and no knob; resize as it is registered."""
+    """Pubsub builds each peer's RpcQueue with the 32-slot default and no knob; resize as it is registered.
+
+    A full queue rejects the push and py-libp2p only logs it at DEBUG, so a message lost to a slow link is counted
+    nowhere; we count the rejected RPCs and the published messages inside them (`dropped_rpcs`, `dropped_msgs`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped_rpcs = 0
+        self.dropped_msgs = 0
 
     def __setitem__(self, key: ID, queue: RpcQueue) -> None:
         queue._queue.max_size = OUTBOUND_QUEUE_RPCS
+        push = queue.push
+
+        def counted_push(rpc: rpc_pb2.RPC, priority: bool = False) -> bool:
+            ok = push(rpc, priority)
+            if not ok and not queue.closed:  # a closed queue is a peer going away, not a drop on a live link
+                self.dropped_rpcs += 1
+                self.dropped_msgs += len(rpc.publish)
+            return ok
+
+        queue.push = counted_push  # type: ignore[method-assign]
         super().__setitem__(key, queue)
 
 

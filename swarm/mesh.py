@@ -185,6 +185,10 @@ class Mesh(PublishingMixin, HelloMixin, ShardSubscriptionsMixin, ReceivingMixin,
                     n += 1
             return n
 
+    def _outbound_dropped(self) -> dict[str, int]:
+        queues = getattr(self._pubsub, "peer_queues", None)
+        return {"rpcs": getattr(queues, "dropped_rpcs", 0), "msgs": getattr(queues, "dropped_msgs", 0)}
+
     def stats(self) -> dict[str, Any]:
         """Plain JSON-able counters; safe to call from any thread."""
         peers = self.peers()
@@ -219,6 +223,8 @@ class Mesh(PublishingMixin, HelloMixin, ShardSubscriptionsMixin, ReceivingMixin,
                 "duplicates": c.duplicates,
                 "bad_frames": c.bad_frames,
                 "stalled_links": c.stalled_links,
+                # outbound RPCs a full per-peer queue refused (a link slower than what we send it), and the messages in them
+                "outbound_dropped": self._outbound_dropped(),
                 "gossip_refused": self._gossip_refused(),
                 "rejections_by_reason": {r: self.validator.counts.get(r, 0) for r in REASONS},
                 "rejected_before_signature": self.validator.prechecked,
