@@ -310,14 +310,22 @@ def device_memory(device: Any) -> tuple[int | None, str]:
     return host_available(), "cpu"
 
 
-def host_available() -> int | None:
-    """Available RAM (MemAvailable on Linux; psutil elsewhere), less nothing: what a new allocation can get."""
+def proc_kib(path: str, key: str) -> int | None:
+    """A "Key:  N kB" line of a Linux /proc file (/proc/meminfo, /proc/self/status) in bytes; None where there is none."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def host_available() -> int | None:
+    """Available RAM (MemAvailable on Linux; psutil elsewhere), less nothing: what a new allocation can get."""
+    available = proc_kib("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
     try:
         import psutil
 
@@ -327,13 +335,7 @@ def host_available() -> int | None:
 
 
 def _own_rss() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_kib("/proc/self/status", "VmRSS") or 0
 
 
 def plan_for_config(cfg: Any, config: dict[str, Any] | None = None) -> MemoryPlan:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import trio
 
 from node.config import ConfigError, NodeConfig, data_dir
+from node.memory_plan import proc_kib
 from node.status import StatusPortError, serve_status
 from protocol.identity import Identity, IdentityError, load_or_create_identity
 
@@ -32,14 +33,8 @@ MODEL_NAME = "relay"  # what its Hellos carry in place of a model name (the prot
 
 def process_usage() -> dict[str, Any]:
     """This process's resident memory (MB; Linux: /proc, elsewhere the peak), CPU seconds and whether torch is in."""
-    rss_mb = None
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                rss_mb = round(int(line.split()[1]) / 1024, 1)
-                break
-    except OSError:
-        pass
+    rss = proc_kib("/proc/self/status", "VmRSS")
+    rss_mb = None if rss is None else round(rss / 2**20, 1)
     if rss_mb is None:  # macOS reports bytes, Linux kB
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         rss_mb = round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
