@@ -75,6 +75,8 @@ HELP = {
     "reward_mode": "binary (default) or partial verifier credit.",
     "format_reward": "Bonus for a well-formed <answer> block.",
     "rounds": "Stop after this round count (0 = run until stopped; counts resumed rounds).",
+    "min_round_s": "Start a round at most every this many seconds, idling in between (0 = back to back): a node on a "
+                   "shared machine, or many nodes on one, leave CPU for the mesh and for each other.",
     "checkpoint_dir": "Checkpoint directory (default: <data dir>/checkpoints/<swarm>).",
     "checkpoint_every": "Rounds between checkpoints (also one at every clean stop).",
     "checkpoint_interval_s": "Also checkpoint once this many seconds of work are unsaved (0 = by rounds only); written in the background.",

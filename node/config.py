@@ -146,6 +146,7 @@ class NodeConfig:
     format_reward: float = 0.0
     # the run
     rounds: int = 0  # 0 = until stopped
+    min_round_s: float = 0.0  # start rounds at most this often (0 = back to back): leaves a shared machine's CPU to others
     checkpoint_dir: str = ""  # "" = <data dir>/checkpoints/<swarm>
     checkpoint_every: int = 5
     checkpoint_interval_s: float = 60.0  # ... or sooner, once this much work is unsaved (0 = rounds only)
@@ -196,6 +197,7 @@ class NodeConfig:
              "--micro-batch-size and --gen-micro-batch must be >= 1"),
             (self.learning_rate > 0, "--learning-rate must be > 0"),
             (self.rounds >= 0, "--rounds must be >= 0 (0 runs until stopped)"),
+            (self.min_round_s >= 0, "--min-round-s must be >= 0 (0 = rounds back to back)"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
             (self.checkpoint_interval_s >= 0, "--checkpoint-interval-s must be >= 0 (0 = by rounds only)"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),

@@ -308,13 +308,23 @@ class NodeRuntime:
             log.warning("only %d of %d peers after %.0fs: starting anyway", len(self.mesh.peers()), self.cfg.min_peers,
                         self.cfg.peer_wait_s)
 
+    async def _pace(self, until: float) -> None:
+        """Idles until a round may start (--min-round-s; the mesh keeps serving meanwhile); a stop ends the wait."""
+        while not self.stop_requested and trio.current_time() < until:
+            await trio.sleep(min(0.2, until - trio.current_time()))
+
     async def _round_loop(self) -> None:
         from node.tracking import Trackers
 
         trackers = Trackers(self.cfg, self.identity.peer_id)  # before the first round: a missing extra stops us now
         metrics_file = open(self.cfg.metrics, "a", buffering=1) if self.cfg.metrics else None
         try:
+            next_start = trio.current_time()
             while not self.stop_requested and (self.cfg.rounds == 0 or self.round < self.cfg.rounds):
+                await self._pace(next_start)
+                if self.stop_requested:
+                    break
+                next_start = trio.current_time() + self.cfg.min_round_s
                 r = self.round
                 m = await run_round(self, r)
                 m["time"] = round(time.time(), 3)
