@@ -21,6 +21,17 @@ from .mesh_records import MeshConfig, MeshCounters
 
 log = logging.getLogger("swarm.mesh")
 
+# A topic carries about this many Hellos per hello_interval_s, however many nodes are on it. Every Hello is forwarded
+# over every mesh link of its topic, so with a fixed interval each node's Hello traffic grew with the nodes on its
+# shards; it was most of an idle node's CPU (12 relays: ~25 RPCs/s each, docs/scale.md "What an idle node spends").
+HELLOS_PER_INTERVAL = 5
+
+
+def hello_every(base_s: float, members: int) -> float:
+    """Seconds between one node's Hellos on a topic of `members` nodes (itself included): `base_s` up to
+    HELLOS_PER_INTERVAL members, then proportionally longer, so the topic's Hello rate stays flat."""
+    return base_s * max(1.0, members / HELLOS_PER_INTERVAL)
+
 
 class HelloMixin:
     # from the facade (swarm.mesh.Mesh: also peers()) and swarm.publish.PublishingMixin (also _next_seq, _publish)
@@ -36,6 +47,8 @@ class HelloMixin:
     _round: int
     _model: str
     _publish_lock: trio.Lock
+    _discovery: Any
+    home_shard: int
 
     def _init_hellos(self) -> None:
         self._lobby_hello_at = -math.inf  # trio time of our last Hello on the lobby
@@ -61,15 +74,23 @@ class HelloMixin:
         ps = self._pubsub
         now_peers = {p.to_base58() for p in ps.peer_topics.get(self.lobby, set()) if p in ps.peers}
         now = trio.current_time()
-        due = (now - self._lobby_hello_at >= self.config.hello_interval_s * self.config.shards
+        due = (now - self._lobby_hello_at >= self.hello_every_s() * self.config.shards
                or bool(now_peers - self._lobby_peers_seen))
         if due:
             self._lobby_hello_at, self._lobby_peers_seen = now, now_peers
         return due
 
 
+    def hello_every_s(self) -> float:
+        """Our Hello interval now: hello_every() of the peers we know on our home shard (its Hellos' topic)."""
+        book = self._discovery.known if self._discovery is not None else None
+        members = 1 + (len(book.on_shard(self.home_shard)) if book is not None else 0)
+        return hello_every(self.config.hello_interval_s, members)
+
     async def _hello_loop(self) -> None:
-        """Announce ourselves every hello_interval_s, and soon after a new peer joins (so it learns the others)."""
+        """Announce ourselves every hello_every_s(), and soon after a new peer joins (so it learns the others): at
+        most once a second in a small swarm, as much less often as the interval grew in a large one (a node
+        joining a large swarm otherwise made every node it connected to re-announce to the whole topic)."""
         last = -math.inf
         before: set[str] = set()
         step = min(1.0, self.config.hello_interval_s)
@@ -79,7 +100,9 @@ class HelloMixin:
             now = trio.current_time()
             fresh = bool(now_peers - before)
             before = now_peers
-            if now_peers and (now - last >= self.config.hello_interval_s or (fresh and now - last >= step)):
+            every = self.hello_every_s()
+            fresh_gap = step * every / self.config.hello_interval_s
+            if now_peers and (now - last >= every or (fresh and now - last >= fresh_gap)):
                 try:
                     await self._publish_hello()
                 except Exception:

@@ -34,6 +34,11 @@ Every non-default here fixes a measured problem (see shared/notes/libp2p-0.8.md,
   other's subscriptions on noticing a dead stream, and when the writer notices later than the receiver re-announced,
   it never learns them again while the connection, and liveness pings, stay up. StalledLinks finds connected peers
   without a pubsub stream or subscriptions for a while; the mesh closes those connections and discovery redials.
+- IDONTWANT for every message (docs/scale.md, "What an idle node spends"): 0.8.1 sends one IDONTWANT RPC to every
+  mesh peer for each message it forwards, however small, so a ~400-byte Hello cost each forwarder as many extra RPCs
+  (each a yamux frame, its window update and a Noise record) as the forwards themselves; in an idle swarm of 12 relays
+  that was half of all RPCs. go-libp2p sends IDONTWANT only for messages of at least 1 KiB
+  (IDontWantMessageThreshold); BoundedGossipSub does the same (IDONTWANT_MIN_BYTES), so batches still get them.
 """
 from __future__ import annotations
 
@@ -68,6 +73,7 @@ SEEN_TTL_S = 120  # seen-cache of message IDs only (small); duplicates inside th
 LIBP2P_VALIDATION_CACHE_TTL_S = 300  # Pubsub(validation_cache_ttl=300) in 0.8.1: the default we must not keep
 GOSSIP_RETRANSMISSION = 3  # go-libp2p's GossipRetransmission: replies to one peer's IWANTs for one message
 IWANT_MAX_IDS = 5000  # IDs read from one IWANT entry: go-libp2p's MaxIHaveLength, so an honest one is never cut
+IDONTWANT_MIN_BYTES = 1024  # go-libp2p's IDontWantMessageThreshold: a smaller message costs less than the notice
 PUBSUB_STALL_S = 10.0  # a connected peer this long without a pubsub stream or subscriptions is a broken link
 
 
@@ -240,6 +246,24 @@ class BoundedGossipSub(GossipSub):
         super().__init__(*args, **kwargs)
         self._iwant_served: dict[bytes, dict[ID, int]] = {}  # msg id -> peer -> IWANT replies sent (while cached)
         self.iwant_refused = 0  # requested IDs not served: repeats, over the cap, or retransmitted enough
+        self._small: set[bytes] = set()  # IDs of the messages being forwarded that get no IDONTWANT
+        self.idontwant_skipped = 0  # forwarded messages under IDONTWANT_MIN_BYTES (no IDONTWANT sent for them)
+
+    async def publish(self, msg_forwarder: ID, pubsub_msg: rpc_pb2.Message) -> None:
+        small = len(pubsub_msg.data) < IDONTWANT_MIN_BYTES and self.pubsub is not None
+        mid = self.pubsub.get_message_id(pubsub_msg) if small else b""
+        if small:
+            self._small.add(mid)
+        try:
+            await super().publish(msg_forwarder, pubsub_msg)
+        finally:
+            self._small.discard(mid)
+
+    async def _emit_idontwant_for_message(self, msg_id: bytes, topic_ids: Any) -> None:
+        if msg_id in self._small:  # see IDONTWANT_MIN_BYTES
+            self.idontwant_skipped += 1
+            return
+        await super()._emit_idontwant_for_message(msg_id, topic_ids)
 
     async def handle_iwant(self, iwant_msg: rpc_pb2.ControlIWant, sender_peer_id: ID) -> None:
         """The base serves every listed ID, repeats included, with no memory of what it already sent (item 9).

@@ -255,3 +255,33 @@ def test_mesh_stats_report_outbound_drops():
     ident = Identity.generate()
     mesh = Mesh(ident, MeshConfig(swarm="t", listen=("/ip4/127.0.0.1/tcp/0",)))
     assert mesh.stats()["outbound_dropped"] == {"rpcs": 0, "msgs": 0}  # before the host runs: zeros, no error
+
+
+# ---- idle cost: IDONTWANT for small messages ------------------------------------------------------------------------
+
+async def test_no_idontwant_for_messages_under_a_kib() -> None:
+    """0.8.1 sends an IDONTWANT to every mesh peer for every message it forwards or publishes, a ~400-byte Hello
+    included: as many extra RPCs as forwards, half of an idle relay's traffic (docs/scale.md). Now only messages of
+    at least IDONTWANT_MIN_BYTES (go-libp2p's threshold) get one: the Hellos flowing here get none, a batch does."""
+    from swarm.host import IDONTWANT_MIN_BYTES
+
+    async with trio.open_nursery() as n:
+        a = await start(n)
+        b = await start(n, a)
+        router = a._pubsub.router
+        sizes: list[int] = []  # size of each message an IDONTWANT went out for
+        real_emit = router.emit_idontwant
+
+        async def emit(msg_ids, to_peer):
+            sizes.extend(len(router.mcache.msgs[m].data) for m in msg_ids if m in router.mcache.msgs)
+            return await real_emit(msg_ids, to_peer)
+
+        router.emit_idontwant = emit
+        await wait_until(lambda: any(b.peer_id == p.to_base58() for p in router.mesh.get(a.topic, ())), timeout=30)
+        hellos = a.stats()["published_hellos"]
+        await wait_until(lambda: a.stats()["published_hellos"] >= hellos + 2, timeout=30)  # Hellos into b's mesh
+        assert await a.publish_rollouts(1, "m", dummy_rollouts(2, text="y" * 1500)) == 1
+        await wait_until(lambda: any(s >= IDONTWANT_MIN_BYTES for s in sizes), timeout=30)
+        assert all(s >= IDONTWANT_MIN_BYTES for s in sizes), sorted(sizes)
+        assert router.idontwant_skipped >= 2  # the Hellos: published, no notice
+        n.cancel_scope.cancel()
