@@ -157,8 +157,10 @@ class GuardedPubsub(Pubsub):
         # peer -> (the muxed connection it was replayed on, topics replayed there): see _replay_recent_messages
         self._replays: dict[ID, tuple[Any, set[str]]] = {}
         self.replays_refused = 0
+        self.heard: dict[ID, float] = {}  # peer -> trio time of the last message or control RPC it sent us
 
     def _handle_dead_peer(self, peer_id: ID) -> None:
+        self.heard.pop(peer_id, None)
         stream = self.peers.get(peer_id)
         if stream is not None:
             self._write_locks.pop(id(stream), None)
@@ -226,6 +228,7 @@ class GuardedPubsub(Pubsub):
         if msg_forwarder == self.my_id:  # our own publish: let errors surface to the caller
             await super().push_msg(msg_forwarder, msg)
             return
+        self.heard[msg_forwarder] = trio.current_time()
         try:
             await super().push_msg(msg_forwarder, msg)
         except Exception as e:  # e.g. an undecodable msg.key raises in signature_validator; runs as a service task
@@ -264,6 +267,11 @@ class BoundedGossipSub(GossipSub):
             self.idontwant_skipped += 1
             return
         await super()._emit_idontwant_for_message(msg_id, topic_ids)
+
+    async def handle_rpc(self, rpc: rpc_pb2.RPC, sender_peer_id: ID) -> None:
+        if isinstance(self.pubsub, GuardedPubsub):  # control from a peer: it is alive (swarm.liveness)
+            self.pubsub.heard[sender_peer_id] = trio.current_time()
+        await super().handle_rpc(rpc, sender_peer_id)
 
     async def handle_iwant(self, iwant_msg: rpc_pb2.ControlIWant, sender_peer_id: ID) -> None:
         """The base serves every listed ID, repeats included, with no memory of what it already sent (item 9).

@@ -6,6 +6,11 @@ counts in `peers` and `--min-peers`. Every `interval_s` we ping each connected p
 `/ipfs/ping/1.0.0` protocol (every py-libp2p host serves it), and after `max_misses` consecutive failed pings we
 close the connection. Discovery redials it later if it comes back.
 
+A peer that sent us a message or a gossip control RPC since the last cycle has shown it is alive, and is not pinged
+(`heard_at`): each ping opens a stream and negotiates its protocol, ~3.5 ms of CPU per peer and cycle on both ends,
+a third of an idle relay's CPU with 11 peers (docs/scale.md, "What an idle node spends"). In a swarm that gossips,
+that leaves the pings to the quiet links, which are the ones that need them.
+
 A starved machine (a laptop running 8 nodes on 2 cores) answers pings late; that must not tear the mesh down. So the
 defaults are lenient (3 misses of 15 s: a silent peer goes after ~45-75 s, not the kernel's ~15 min), and a cycle in
 which our own event loop was late (its sleep overshot by more than `max_lag_s`) counts no misses: then we are the
@@ -27,8 +32,10 @@ log = logging.getLogger(__name__)
 
 class Liveness:
     def __init__(self, host: IHost, *, interval_s: float = 10.0, timeout_s: float = 15.0, max_misses: int = 3,
-                 max_lag_s: float = 5.0, on_dead: Callable[[ID], Awaitable[None]] | None = None) -> None:
+                 max_lag_s: float = 5.0, on_dead: Callable[[ID], Awaitable[None]] | None = None,
+                 heard_at: Callable[[ID], float | None] | None = None) -> None:
         self.host = host
+        self.heard_at = heard_at  # peer -> trio time we last received something from it (None: never)
         self.interval_s, self.timeout_s, self.max_misses = interval_s, timeout_s, max_misses
         self.max_lag_s = max_lag_s
         self.on_dead = on_dead
@@ -36,6 +43,8 @@ class Liveness:
         self.rtt_ms: dict[str, float] = {}  # peer -> last round trip
         self.dropped = 0  # connections closed for not answering
         self.lagged_cycles = 0  # cycles that counted no misses because our own loop was late
+        self.pings_sent = 0
+        self.pings_skipped = 0  # peers not pinged in a cycle because they had sent us something since the last one
         self._inflight: set[ID] = set()  # peers with a ping still running (possibly stuck)
 
     async def run(self) -> None:
@@ -53,9 +62,15 @@ class Liveness:
                 self.rtt_ms = {k: v for k, v in self.rtt_ms.items() if k in names}
                 results: dict[ID, float | None] = {}
                 waiting = []
+                heard: set[ID] = set()
                 for pid in peers:
                     if pid in self._inflight:  # the previous ping never came back: another miss
                         continue
+                    at = self.heard_at(pid) if self.heard_at is not None else None
+                    if at is not None and at >= t0:  # it spoke during this cycle: alive, no ping needed
+                        heard.add(pid)
+                        continue
+                    self.pings_sent += 1
                     done = trio.Event()
                     waiting.append(done)
                     self._inflight.add(pid)
@@ -67,7 +82,11 @@ class Liveness:
                 lagged = lagged or trio.current_time() - t1 - (self.timeout_s + 1.0) > self.max_lag_s
                 if lagged:
                     self.lagged_cycles += 1
+                self.pings_skipped += len(heard)
                 for pid in peers:
+                    if pid in heard:
+                        self.misses.pop(pid, None)
+                        continue
                     await self._count(pid, results.get(pid), lagged)
 
     async def _ping_into(self, pid: ID, results: dict[ID, float | None], done: trio.Event) -> None:

@@ -126,7 +126,8 @@ class Mesh(PublishingMixin, HelloMixin, ShardSubscriptionsMixin, ReceivingMixin,
                         if cfg.ping_interval_s > 0:
                             self._liveness = Liveness(host, interval_s=cfg.ping_interval_s, timeout_s=cfg.ping_timeout_s,
                                                       max_misses=cfg.ping_max_misses,
-                                                      on_dead=lambda pid: drop_dead_peer(host, pid))
+                                                      on_dead=lambda pid: drop_dead_peer(host, pid),
+                                                      heard_at=pubsub.heard.get)
                             nursery.start_soon(self._liveness.run)
                         log.info("mesh %s listening on %s", self.topic, " ".join(self._listen_addrs))
                         task_status.started()
@@ -247,6 +248,8 @@ class Mesh(PublishingMixin, HelloMixin, ShardSubscriptionsMixin, ReceivingMixin,
                 "unresponsive_dropped": self._liveness.dropped if self._liveness else 0,
                 "ping_ms": dict(self._liveness.rtt_ms) if self._liveness else {},
                 "ping_lagged_cycles": self._liveness.lagged_cycles if self._liveness else 0,
+                "pings": {"sent": self._liveness.pings_sent if self._liveness else 0,
+                          "skipped_heard": self._liveness.pings_skipped if self._liveness else 0},
             }
 
     def _gossip_refused(self) -> dict[str, int]:

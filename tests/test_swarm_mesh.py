@@ -291,8 +291,39 @@ async def test_liveness_drops_a_peer_that_stops_answering_pings() -> None:
         async def hang(stream) -> None:  # a hung peer: the connection is up, nothing answers
             await trio.sleep_forever()
 
+        async def silent() -> None:  # ... and nothing is sent: no Hellos (which would show it alive)
+            pass
+
+        b._publish_hello = silent
         b._host.set_stream_handler(PING_ID, hang)
         await wait_until(lambda: a._liveness.dropped >= 1, timeout=10)
+        n.cancel_scope.cancel()
+
+
+async def test_liveness_does_not_ping_a_peer_that_keeps_talking() -> None:
+    """A peer that sent us something during a ping cycle is alive and is not pinged (each ping costs a stream and a
+    protocol negotiation); it is pinged, and dropped, only once it falls silent too."""
+    from libp2p.host.ping import ID as PING_ID
+
+    async def hang(stream) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as n:
+        a = await start(n, ping_interval_s=2.5, ping_timeout_s=0.5, ping_max_misses=2)
+        b = await start(n, a, ping_interval_s=0)
+        await wait_until(lambda: a.peers() and b.peers())
+        b._host.set_stream_handler(PING_ID, hang)  # pings would now fail; b's Hellos (every 1 s) still arrive
+        hellos = a.stats()["accepted_hellos"]
+        await wait_until(lambda: a._liveness.pings_skipped >= 3, timeout=30)
+        assert a.stats()["accepted_hellos"] >= hellos + 3
+        assert a._liveness.dropped == 0 and b.peer_id in a.peers()
+        assert a.stats()["pings"]["skipped_heard"] >= 3
+
+        async def silent() -> None:
+            pass
+
+        b._publish_hello = silent
+        await wait_until(lambda: a._liveness.dropped >= 1, timeout=30)
         n.cancel_scope.cancel()
 
 
