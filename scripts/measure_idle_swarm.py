@@ -65,6 +65,10 @@ def measure(k: int, extra: list[str], settle_s: float, window_s: float) -> dict:
             "pings_skipped_per_s": round(statistics.mean(
                 ((x.get("pings") or {}).get("skipped_heard", 0) - (y.get("pings") or {}).get("skipped_heard", 0)) / dt
                 for x, y in zip(after, before)), 2),
+            "hellos_published_per_s": round(statistics.mean(
+                (x.get("published_hellos", 0) - y.get("published_hellos", 0)) / dt for x, y in zip(after, before)), 3),
+            "dials_ok_per_s": round(statistics.mean(
+                (x.get("dials_ok", 0) - y.get("dials_ok", 0)) / dt for x, y in zip(after, before)), 3),
             "hello_every_s": sorted({x.get("hello_every_s") for x in after if x.get("hello_every_s") is not None})}
 
 

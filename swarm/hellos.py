@@ -25,6 +25,7 @@ log = logging.getLogger("swarm.mesh")
 # over every mesh link of its topic, so with a fixed interval each node's Hello traffic grew with the nodes on its
 # shards; it was most of an idle node's CPU (12 relays: ~25 RPCs/s each, docs/scale.md "What an idle node spends").
 HELLOS_PER_INTERVAL = 5
+FRESH_GAP = 0.5  # an early Hello for a new peer comes at least this fraction of an interval after the previous one
 
 
 def hello_every(base_s: float, members: int) -> float:
@@ -34,7 +35,7 @@ def hello_every(base_s: float, members: int) -> float:
 
 
 class HelloMixin:
-    # from the facade (swarm.mesh.Mesh: also peers()) and swarm.publish.PublishingMixin (also _next_seq, _publish)
+    # from the facade (swarm.mesh.Mesh: also peers(), connected()) and swarm.publish.PublishingMixin (also _next_seq, _publish)
     identity: Identity
     config: MeshConfig
     topic: str
@@ -52,7 +53,7 @@ class HelloMixin:
 
     def _init_hellos(self) -> None:
         self._lobby_hello_at = -math.inf  # trio time of our last Hello on the lobby
-        self._lobby_peers_seen: set[str] = set()  # lobby peers at that Hello: a new one gets a Hello at once
+        self._lobby_peers_seen: set[str] = set()  # connected lobby peers we sent a lobby Hello since they connected
 
     async def _publish_hello(self) -> None:
         addrs = tuple(a for a in self._listen_addrs if len(a) <= MAX_ADDR_CHARS)[:MAX_ADDRS]
@@ -69,17 +70,29 @@ class HelloMixin:
 
     def _lobby_hello_due(self) -> bool:
         """Lobby Hellos reach every node, so each node sends them S times less often than shard Hellos: the lobby
-        then carries N / S Hellos per interval, the size of one shard. A newly connected lobby peer gets one at once
-        (as with S = 1), so a newcomer learns who is out there without waiting S intervals."""
+        then carries N / S Hellos per interval, the size of one shard. A newly connected lobby peer gets one with our
+        next Hello (at least FRESH_GAP of an interval after the last), so a newcomer learns who is out there without
+        waiting S intervals."""
         ps = self._pubsub
         now_peers = {p.to_base58() for p in ps.peer_topics.get(self.lobby, set()) if p in ps.peers}
+        self._lobby_peers_seen &= set(self.connected())  # a peer is new again only after it disconnected
         now = trio.current_time()
-        due = (now - self._lobby_hello_at >= self.hello_every_s() * self.config.shards
-               or bool(now_peers - self._lobby_peers_seen))
+        every = self.hello_every_s()
+        due = (now - self._lobby_hello_at >= every * self.config.shards
+               or (self._any_newcomer(now_peers - self._lobby_peers_seen)
+                   and now - self._lobby_hello_at >= every * FRESH_GAP))
         if due:
-            self._lobby_hello_at, self._lobby_peers_seen = now, now_peers
+            self._lobby_hello_at = now
+            self._lobby_peers_seen |= now_peers
         return due
 
+
+    def _any_newcomer(self, peers: set[str]) -> bool:
+        """Whether one of these newly connected peers is new to the swarm for us: not in our book (we never had its
+        Hello). A known peer that reconnected has had our Hellos before; under load links are rebuilt every few
+        seconds, and re-announcing to the whole topic for each made the lobby carry every node's every Hello."""
+        book = self._discovery.known if self._discovery is not None else None
+        return bool(peers) and (book is None or any(p not in book for p in peers))
 
     def hello_every_s(self) -> float:
         """Our Hello interval now: hello_every() of the peers we know on our home shard (its Hellos' topic)."""
@@ -88,23 +101,25 @@ class HelloMixin:
         return hello_every(self.config.hello_interval_s, members)
 
     async def _hello_loop(self) -> None:
-        """Announce ourselves every hello_every_s(), and soon after a new peer joins (so it learns the others): at
-        most once a second in a small swarm, as much less often as the interval grew in a large one (a node
-        joining a large swarm otherwise made every node it connected to re-announce to the whole topic)."""
+        """Announce ourselves every hello_every_s(), and sooner when a new peer connects (so it learns of us), but
+        not within FRESH_GAP of an interval after the last: each such Hello goes to the whole topic, and on a busy
+        machine a peer's subscriptions come and go while its connection stays (32 idle relays on 2 cores: every
+        Hello also went to the lobby, and each relay accepted every Hello of the swarm, 3.5/s). A peer counts when we
+        have not announced ourselves since it connected and we never had its Hello (`_any_newcomer`)."""
         last = -math.inf
-        before: set[str] = set()
+        announced: set[str] = set()  # peers connected at (or since) one of our Hellos
         step = min(1.0, self.config.hello_interval_s)
         while True:
             await trio.sleep(step)
             now_peers = set(self.peers())
+            announced &= set(self.connected())
             now = trio.current_time()
-            fresh = bool(now_peers - before)
-            before = now_peers
+            fresh = self._any_newcomer(now_peers - announced)
             every = self.hello_every_s()
-            fresh_gap = step * every / self.config.hello_interval_s
-            if now_peers and (now - last >= every or (fresh and now - last >= fresh_gap)):
+            if now_peers and (now - last >= every or (fresh and now - last >= max(step, every * FRESH_GAP))):
                 try:
                     await self._publish_hello()
                 except Exception:
                     log.warning("publishing Hello failed", exc_info=True)
                 last = now
+                announced |= now_peers
