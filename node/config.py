@@ -197,7 +197,7 @@ class NodeConfig:
              "--micro-batch-size and --gen-micro-batch must be >= 1"),
             (self.learning_rate > 0, "--learning-rate must be > 0"),
             (self.rounds >= 0, "--rounds must be >= 0 (0 runs until stopped)"),
-            (self.min_round_s >= 0, "--min-round-s must be >= 0 (0 = rounds back to back)"),
+            (0 <= self.min_round_s < 1e9, "--min-round-s must be a number of seconds >= 0 (0 = rounds back to back)"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
             (self.checkpoint_interval_s >= 0, "--checkpoint-interval-s must be >= 0 (0 = by rounds only)"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),

@@ -18,7 +18,8 @@ defaults): the same mesh (bootstrap, hellos, heartbeats, status polls) and the s
 rollout gossip. CPU above that baseline is charged to the rollout messages.
 
 --relays K also runs K `swarm-node relay` processes (no model: ~90 MB each, docs/scale.md) in the same swarm; relay 0
-is then everyone's bootstrap. They are sampled like the nodes (CPU, resident memory, status) and reported on their own
+is then everyone's bootstrap, and each trainer also bootstraps through one more relay (spread over them);
+--relay-extra flags go to the relays only (e.g. --relay-extra=--max-peers=8). They are sampled like the nodes (CPU, resident memory, status) and reported on their own
 (bench.json "relays"); the columns below are the training nodes'.
 
 Columns (DIR/bench.json has these and per-node / per-pair detail; warnings go to stderr and into "problems"):
@@ -216,7 +217,8 @@ def _balance(procs: list[JoinProc], shards: int) -> None:
 
 
 def run_swarm(n: int, rounds: int, out: Path, *, share: bool, timeout: float, poll: float,
-              extra: list[str], relays: int = 0, balanced: bool = False) -> dict[str, Any]:
+              extra: list[str], relays: int = 0, balanced: bool = False,
+              relay_extra: list[str] = ()) -> dict[str, Any]:
     if out.exists():  # a previous bench in the same --out: identities and checkpoints must be fresh
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -238,9 +240,12 @@ def run_swarm(n: int, rounds: int, out: Path, *, share: bool, timeout: float, po
         # with relays, relay 0 is everyone's bootstrap (seed duty); without, node 0 is
         seed = relay_procs[0].addr if relay_procs else nodes[0].addr
         for i, rp in enumerate(relay_procs):
-            rp.start(swarm, [] if i == 0 else [seed], _relay_flags(extra))
+            rp.start(swarm, [] if i == 0 else [seed], [*_relay_flags(extra), *relay_extra])
         for i, nd in enumerate(nodes):
-            nd.start(swarm, [] if nd.addr == seed else [seed],
+            # a second seed per trainer, spread over the relays: one seed dialed by everyone at once is what a
+            # starved machine fails to answer first (64 processes: no trainer's bootstrap dial answered in 5 s)
+            seeds = [seed, relay_procs[1 + i % (relays - 1)].addr] if relays >= 2 else [seed]
+            nd.start(swarm, [] if nd.addr == seed else seeds,
                      ["--rounds", str(rounds), "--seed", str(i), *mode, *extra])
         deadline = time.monotonic() + timeout
         with ThreadPoolExecutor(max_workers=n + relays) as pool:
@@ -553,7 +558,7 @@ def bench(n: int, args: argparse.Namespace) -> dict[str, Any]:
                 runs[name] = json.loads((out / name / "raw.json").read_text())
         else:
             runs[name] = run_swarm(n, args.rounds, out / name, share=name == "share", timeout=args.timeout,
-                                   poll=args.poll, extra=args.extra, relays=args.relays,
+                                   poll=args.poll, extra=args.extra, relays=args.relays, relay_extra=args.relay_extra,
                                    balanced=args.balanced_shards)
     if "share" not in runs:
         raise SystemExit(f"--reanalyze: no {out / 'share' / 'raw.json'}")
@@ -603,6 +608,8 @@ def main() -> int:
     ap.add_argument("--balanced-shards", action="store_true",
                     help="with --extra=--shards=S: process i gets an identity on home shard i mod S (same number of "
                          "trainers, and of relays, on every shard)")
+    ap.add_argument("--relay-extra", action="append", default=[],
+                    help="extra flag for the relays only, e.g. --relay-extra=--max-peers=8")
     ap.add_argument("--relays", type=int, default=0,
                     help="also run this many `swarm-node relay` processes (relay 0 is everyone's bootstrap); "
                          "--nodes counts the training nodes; --extra flags a relay takes (--shards=...) reach them too")

@@ -68,6 +68,7 @@ async def _with_deadline(fn, seconds: float) -> None:
 
 
 def test_min_round_s_is_checked():
-    with pytest.raises(ConfigError, match="--min-round-s must be >= 0"):
-        NodeConfig(min_round_s=-1)
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="--min-round-s must be a number of seconds >= 0"):
+            NodeConfig(min_round_s=bad)
     assert NodeConfig().min_round_s == 0
