@@ -89,8 +89,9 @@ class HelloMixin:
 
     def _any_newcomer(self, peers: set[str]) -> bool:
         """Whether one of these newly connected peers is new to the swarm for us: not in our book (we never had its
-        Hello). A known peer that reconnected has had our Hellos before; under load links are rebuilt every few
-        seconds, and re-announcing to the whole topic for each made the lobby carry every node's every Hello."""
+        Hello). A known peer that reconnected or re-subscribed has had our Hellos before; in a large swarm on a busy
+        machine that happens all the time, and re-announcing to the whole topic for each made the lobby carry
+        every node's every Hello."""
         book = self._discovery.known if self._discovery is not None else None
         return bool(peers) and (book is None or any(p not in book for p in peers))
 
