@@ -86,18 +86,21 @@ class HelloMixin:
             self._lobby_peers_seen |= now_peers
         return due
 
+    def _book(self) -> Any:
+        """Discovery's peer book (swarm.peerbook.PeerBook), or None before the mesh runs."""
+        return self._discovery.known if self._discovery is not None else None
 
     def _any_newcomer(self, peers: set[str]) -> bool:
         """Whether one of these newly connected peers is new to the swarm for us: not in our book (we never had its
         Hello). A known peer that reconnected or re-subscribed has had our Hellos before; in a large swarm on a busy
         machine that happens all the time, and re-announcing to the whole topic for each made the lobby carry
         every node's every Hello."""
-        book = self._discovery.known if self._discovery is not None else None
+        book = self._book()
         return bool(peers) and (book is None or any(p not in book for p in peers))
 
     def hello_every_s(self) -> float:
         """Our Hello interval now: hello_every() of the peers we know on our home shard (its Hellos' topic)."""
-        book = self._discovery.known if self._discovery is not None else None
+        book = self._book()
         members = 1 + (len(book.on_shard(self.home_shard)) if book is not None else 0)
         return hello_every(self.config.hello_interval_s, members)
 
