@@ -20,7 +20,7 @@ HELP = {
     "device": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.",
     "dtype": "auto (bf16 on capable GPUs, fp32 otherwise), float32, bfloat16 or float16.",
     "tasks": "Task families and weights, e.g. 'arith' or 'basic_arithmetic:2,base_conversion:1' [default: arith; "
-             "tiny-sparse: its four families].",
+             "tiny-sparse, tiny-cold: their four families].",
     "task_config": "Per-family task settings as JSON, e.g. '{\"arith\": {\"digits\": 3}}' (peers' refs must match).",
     "seed": "Seed for task sampling, generation and training [default: derived from the node's peer ID, so nodes "
             "differ; pass one to reproduce a run].",

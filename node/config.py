@@ -47,15 +47,21 @@ SPARSE_TASK_CONFIG: dict[str, dict[str, Any]] = {
     "fraction_simplification": {"max_value": 30, "max_factor": 6},
 }
 
+# The sparse regime's models (scripts/build_sparse_model.py): tiny-sparse, and tiny-cold, the same build with a colder
+# start (3% of its warm-start targets in the rewarded format instead of 15%)
+_SPARSE_DEFAULTS: dict[str, Any] = {
+    "tasks": SPARSE_TASKS, "task_config": json.dumps(SPARSE_TASK_CONFIG, sort_keys=True),
+    "questions_per_round": 32, "local": 16, "external": 16, "max_external_per_peer": 8,
+    "max_new_tokens": 10, "learning_rate": 1e-4, "micro_batch_size": 64, "gen_micro_batch": 64,
+    "external_baseline": "receiver", "external_positive_only": True, "adaptive_j": True}
+
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     # the receiver's choices: measured in docs/sapo_experiment.md ("Settings: what was measured where")
     "tiny": {"questions_per_round": 32, "local": 16, "external": 16, "max_external_per_peer": 8,
              "max_new_tokens": 8, "learning_rate": 1e-4, "micro_batch_size": 64, "gen_micro_batch": 64,
              "external_baseline": "receiver", "external_positive_only": True, "adaptive_j": False},
-    "tiny-sparse": {"tasks": SPARSE_TASKS, "task_config": json.dumps(SPARSE_TASK_CONFIG, sort_keys=True),
-                    "questions_per_round": 32, "local": 16, "external": 16, "max_external_per_peer": 8,
-                    "max_new_tokens": 10, "learning_rate": 1e-4, "micro_batch_size": 64, "gen_micro_batch": 64,
-                    "external_baseline": "receiver", "external_positive_only": True, "adaptive_j": True},
+    "tiny-sparse": _SPARSE_DEFAULTS,
+    "tiny-cold": _SPARSE_DEFAULTS,
     "*": {"questions_per_round": 8, "local": 4, "external": 4, "max_external_per_peer": 2,
           "max_new_tokens": 512, "learning_rate": 1e-6,
           # not measured on real models yet: GRPO within the sender's group, as the paper does
@@ -67,7 +73,7 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
 MICRO_BATCH_FALLBACK = 64
 # --learning-rate when --lora-r > 0 and none is given: LoRA's usual 1e-5 for real models; the tiny model measured with
 # scripts/bench_lora.py
-LORA_LEARNING_RATE: dict[str, float] = {"tiny": 3e-4, "tiny-sparse": 3e-4, "*": 1e-5}
+LORA_LEARNING_RATE: dict[str, float] = {"tiny": 3e-4, "tiny-sparse": 3e-4, "tiny-cold": 3e-4, "*": 1e-5}
 DEFAULTS_FOR_ALL = {"tasks": "arith", "task_config": ""}  # per-model settings most models share
 
 

@@ -12,11 +12,13 @@ import torch
 
 TINY_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
 SPARSE_DIR = Path(__file__).resolve().parent / "assets" / "tiny-sparse"  # scripts/build_sparse_model.py
+COLD_DIR = SPARSE_DIR.parent / "tiny-cold"  # the same build, 3% of targets in the rewarded format (a colder start)
 
 # Short names users type on the command line -> local dir or Hugging Face Hub id.
 ALIASES: dict[str, str] = {
     "tiny": str(TINY_DIR),
     "tiny-sparse": str(SPARSE_DIR),
+    "tiny-cold": str(COLD_DIR),
     "qwen-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
     "qwen-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
     "qwen3-0.6b": "Qwen/Qwen3-0.6B",

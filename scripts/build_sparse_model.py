@@ -171,7 +171,7 @@ def main() -> None:
         val[f], data[f] = items[: args.val_per_family], items[args.val_per_family:]
         print(f"{f}: {len(data[f])} train items ({len({q for q, _, _ in data[f]})} distinct), {len(val[f])} validation")
 
-    policy = Policy(name="tiny-sparse", model=model, tokenizer=tok, device=torch.device("cpu"), dtype=torch.float32)
+    policy = Policy(name=args.out.name, model=model, tokenizer=tok, device=torch.device("cpu"), dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
     flat = [(q, a) for f in fams for q, a, _ in data[f]]
@@ -232,12 +232,12 @@ def main() -> None:
         "build_seconds": round(time.time() - t_start, 1),
     }
     (args.out / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (args.out / "README.md").write_text(README.format(**meta, **meta["sft"], ho=overall))
+    (args.out / "README.md").write_text(README.format(name=args.out.name, **meta, **meta["sft"], ho=overall))
     size = sum(f.stat().st_size for f in args.out.iterdir())
     print(f"saved {args.out} ({size / 1e6:.1f} MB) in {time.time() - t_start:.0f}s; SFT {step} steps, {sft_s:.0f}s")
 
 
-README = """# tiny-sparse: the embedded model of the sparse regime
+README = """# {name}: an embedded model of the sparse regime
 
 The tiny architecture ({params:,} parameters, Qwen2, hidden {hidden}, {layers} layers; the tiny character
 tokenizer) warm-started for {steps} supervised steps on four task families (`--tasks {tasks}` with the configs in

@@ -58,6 +58,9 @@ REGIMES: dict[str, dict[str, Any]] = {
     "easy": {"model": "tiny", "flags": (), "about": "the embedded tiny model on 2-digit addition (arith)"},
     "sparse": {"model": "tiny-sparse", "flags": (), "about": "the embedded tiny-sparse model on four task families "
                "(its MODEL_DEFAULTS: tasks, task configs, lengths)"},
+    "cold": {"model": "tiny-cold", "flags": (), "about": "the embedded tiny-cold model on the same four families: "
+             "tiny-sparse's build with 3% of its warm-start targets in the rewarded format, so a lone node's groups "
+             "start almost all zero-advantage"},
 }
 
 

@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +27,9 @@ def test_aliases_resolve():
     assert resolve_name("smollm2-360m") == "HuggingFaceTB/SmolLM2-360M-Instruct"
     assert resolve_name("some/other-model") == "some/other-model"  # unknown names pass through
     assert resolve_name("tiny-sparse") == str(TINY_DIR.parent / "tiny-sparse")  # the sparse regime's model
-    embedded = {str(TINY_DIR), str(TINY_DIR.parent / "tiny-sparse")}
+    assert resolve_name("tiny-cold") == str(TINY_DIR.parent / "tiny-cold")  # its colder start
+    embedded = {str(TINY_DIR), str(TINY_DIR.parent / "tiny-sparse"), str(TINY_DIR.parent / "tiny-cold")}
+    assert all(Path(v, "config.json").is_file() for v in embedded)  # shipped in the package
     assert all(v in embedded or v.count("/") == 1 for v in ALIASES.values())
 
 

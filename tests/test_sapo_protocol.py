@@ -104,13 +104,14 @@ def test_a_learner_generates_as_many_groups_as_questions_per_round():
         assert len(groups) == ij["questions_per_round"] and all(len(g.completions) == 8 for g in groups)
 
 
-def test_the_sparse_regime_samples_its_four_families_and_accepts_its_peers_refs():
-    """tiny-sparse nodes draw from four families with their configs; a peer's group of the same regime is rescored,
-    not refused as foreign (the receiver's foreign-ref check uses the same per-family configs)."""
+@pytest.mark.parametrize("model", ["tiny-sparse", "tiny-cold"])
+def test_the_sparse_regime_samples_its_four_families_and_accepts_its_peers_refs(model):
+    """tiny-sparse (and tiny-cold) nodes draw from four families with their configs; a peer's group of the same regime
+    is rescored, not refused as foreign (the receiver's foreign-ref check uses the same per-family configs)."""
     torch.set_num_threads(1)
-    cfg = NodeConfig(model="tiny-sparse", offline=True, questions_per_round=24, group_size=2)
+    cfg = NodeConfig(model=model, offline=True, questions_per_round=24, group_size=2)
     assert cfg.tasks == "arith,basic_arithmetic,decimal_arithmetic,fraction_simplification" and cfg.max_new_tokens == 10
-    policy = load_policy("tiny-sparse")
+    policy = load_policy(model)
     sender = Learner(policy, cfg, random.Random(1))
     groups = sender.rollout(0)
     assert {g.ref.generator for g in groups} == set(cfg.tasks.split(","))
