@@ -67,6 +67,9 @@ def measure(k: int, extra: list[str], settle_s: float, window_s: float) -> dict:
                 for x, y in zip(after, before)), 2),
             "hellos_published_per_s": round(statistics.mean(
                 (x.get("published_hellos", 0) - y.get("published_hellos", 0)) / dt for x, y in zip(after, before)), 3),
+            **{f"control_{k}_per_s": round(statistics.mean(
+                ((x.get("control_sent") or {}).get(k, 0) - (y.get("control_sent") or {}).get(k, 0)) / dt
+                for x, y in zip(after, before)), 2) for k in ("rpcs", "ihave", "idontwant")},
             "dials_ok_per_s": round(statistics.mean(
                 (x.get("dials_ok", 0) - y.get("dials_ok", 0)) / dt for x, y in zip(after, before)), 3),
             "hello_every_s": sorted({x.get("hello_every_s") for x in after if x.get("hello_every_s") is not None})}
@@ -87,7 +90,8 @@ def main() -> None:
         print(f"{r['relays']} relays {' '.join(extra)}: CPU {c['median']} ms/s per relay (min {c['min']}, max {c['max']}), "
               f"peers {r['peers'][0]}-{r['peers'][-1]}, {r['hellos_accepted_per_s']} Hellos accepted/s each, "
               f"Hello every {r['hello_every_s']} s, pings {r['pings_sent_per_s']}/s sent, "
-              f"{r['pings_skipped_per_s']}/s skipped (peer heard), load {r['load']:.1f}", flush=True)
+              f"{r['pings_skipped_per_s']}/s skipped (peer heard), control RPCs {r['control_rpcs_per_s']}/s sent "
+              f"(IHAVE {r['control_ihave_per_s']}/s), load {r['load']:.1f}", flush=True)
         results.append(r)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -29,8 +29,9 @@ delivery     A message floods its topic's mesh: the publisher sends to its mesh 
              copy to its mesh peers except the one it came from and the publisher. Every copy a node receives counts
              (bytes); the first is validated (CPU), later ones are duplicates. IDONTWANT (gossipsub 1.2) can stop some
              duplicates of large messages in flight, so duplicate counts are an upper bound.
-gossip       Every heartbeat a node sends IHAVE with the IDs of its topic's messages from the last 3 heartbeats to
-             max(6, 25 %) of its non-mesh topic peers: each message ID is announced 3 times to each of them (48 bytes).
+gossip       Every heartbeat a node sends IHAVE with the IDs of its topic's batches from the last 3 heartbeats to
+             max(6, 25 %) of its non-mesh topic peers: each batch ID is announced 3 times to each of them (48 bytes).
+             Hellos (under swarm.host.IHAVE_MIN_BYTES) are not gossiped.
 hellos       Every node sends a Hello every 10 s (S = 1: on the one topic; sharded: on its home shard, and on the lobby
              every 10 x S s).
 sampling     One observer node (node 0) puts what it accepted in a round into a real ExperiencePool and takes 3 x J
@@ -329,12 +330,12 @@ def simulate(n: int, shards: int, fanin: int, args: argparse.Namespace, seed: in
             bytes_per = batches * msg_b + hellos * args.hello_bytes
             for v, first in load.first.items():
                 copies, ids = load.copies[v], load.ihave_ids[v]
-                acc["kb"][v] += (copies * bytes_per + ids * (batches + hellos) * MSG_ID_BYTES) / 1024 / epochs
+                acc["kb"][v] += (copies * bytes_per + ids * batches * MSG_ID_BYTES) / 1024 / epochs
                 acc["kb_new"][v] += first * bytes_per / 1024 / epochs
                 acc["msgs"][v] += first * (batches + hellos) / epochs
                 acc["batches"][v] += first * batches / epochs
                 acc["dups"][v] += (copies - first) * (batches + hellos) / epochs
-                acc["ihave"][v] += ids * (batches + hellos) * MSG_ID_BYTES / 1024 / epochs
+                acc["ihave"][v] += ids * batches * MSG_ID_BYTES / 1024 / epochs
         # the observer's pool: batches from the publishers of the shards it listens to this epoch
         heard = [u for s in subs[0] for u in by_home[s] if u != 0]
         got_in, got_taken = observe(heard, args.groups, args.external, args.per_peer, rng)

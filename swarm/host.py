@@ -39,6 +39,15 @@ Every non-default here fixes a measured problem (see shared/notes/libp2p-0.8.md,
   (each a yamux frame, its window update and a Noise record) as the forwards themselves; in an idle swarm of 12 relays
   that was half of all RPCs. go-libp2p sends IDONTWANT only for messages of at least 1 KiB
   (IDontWantMessageThreshold); BoundedGossipSub does the same (IDONTWANT_MIN_BYTES), so batches still get them.
+- IHAVE gossip for every message: each heartbeat (1 s), for every topic with a message in its gossip window, 0.8.1
+  sends an IHAVE to max(6, 25%) of the topic's peers outside the mesh. Hellos keep every topic's window non-empty, so
+  an idle node sent ~6 IHAVE RPCs per topic per second and received as many: the bulk of what 32 idle relays spent
+  (docs/scale.md). A lost Hello is replaced by the sender's next one, and repair by gossip is for what a node would
+  otherwise miss for good (a batch); BoundedGossipSub gossips only messages of at least IHAVE_MIN_BYTES.
+- the sender's signed peer record in every RPC is verified twice per RPC (Pubsub's reader, then GossipSub.handle_rpc),
+  an Ed25519 check and a peerstore update each time, though a peer sends the same record bytes until its addresses
+  change. install_record_cache() makes both calls skip bytes already verified for that peer on that host (re-checked
+  every RECORD_RECHECK_S, so the peerstore's 2-hour TTL stays fresh); new or changed bytes are verified as before.
 """
 from __future__ import annotations
 
@@ -74,6 +83,9 @@ LIBP2P_VALIDATION_CACHE_TTL_S = 300  # Pubsub(validation_cache_ttl=300) in 0.8.1
 GOSSIP_RETRANSMISSION = 3  # go-libp2p's GossipRetransmission: replies to one peer's IWANTs for one message
 IWANT_MAX_IDS = 5000  # IDs read from one IWANT entry: go-libp2p's MaxIHaveLength, so an honest one is never cut
 IDONTWANT_MIN_BYTES = 1024  # go-libp2p's IDontWantMessageThreshold: a smaller message costs less than the notice
+IHAVE_MIN_BYTES = 1024  # smaller messages (Hellos) are not offered by gossip: repeated by their sender, not repaired
+RECORD_RECHECK_S = 600.0  # a peer's unchanged signed record is verified again after this long (peerstore TTL 7200 s)
+RECORD_CACHE_PEERS = 4096  # per host: peers whose last verified record is remembered (oldest forgotten first)
 PUBSUB_STALL_S = 10.0  # a connected peer this long without a pubsub stream or subscriptions is a broken link
 
 
@@ -251,6 +263,8 @@ class BoundedGossipSub(GossipSub):
         self.iwant_refused = 0  # requested IDs not served: repeats, over the cap, or retransmitted enough
         self._small: set[bytes] = set()  # IDs of the messages being forwarded that get no IDONTWANT
         self.idontwant_skipped = 0  # forwarded messages under IDONTWANT_MIN_BYTES (no IDONTWANT sent for them)
+        self.ihave_ids_skipped = 0  # message IDs under IHAVE_MIN_BYTES left out of IHAVE gossip
+        self.control_sent: dict[str, int] = {"rpcs": 0, "ihave": 0, "idontwant": 0}  # what upkeep costs (status)
 
     async def publish(self, msg_forwarder: ID, pubsub_msg: rpc_pb2.Message) -> None:
         small = len(pubsub_msg.data) < IDONTWANT_MIN_BYTES and self.pubsub is not None
@@ -267,6 +281,32 @@ class BoundedGossipSub(GossipSub):
             self.idontwant_skipped += 1
             return
         await super()._emit_idontwant_for_message(msg_id, topic_ids)
+
+    def gossip_heartbeat(self) -> Any:
+        """The base's IHAVE plan for this heartbeat (peer -> topic -> IDs), less the messages under IHAVE_MIN_BYTES;
+        a peer left with nothing to be told gets no IHAVE (see the module doc)."""
+        plan = super().gossip_heartbeat()
+        msgs = self.mcache.msgs
+        for peer in list(plan):
+            topics = plan[peer]
+            for topic in list(topics):
+                ids = topics[topic]
+                keep = [m for m in ids if m in msgs and len(msgs[m].data) >= IHAVE_MIN_BYTES]
+                self.ihave_ids_skipped += len(ids) - len(keep)
+                if keep:
+                    topics[topic] = keep
+                else:
+                    del topics[topic]
+            if not topics:
+                del plan[peer]
+        return plan
+
+    async def emit_control_message(self, control_msg: rpc_pb2.ControlMessage, to_peer: ID) -> None:
+        sent = self.control_sent
+        sent["rpcs"] += 1
+        sent["ihave"] += len(control_msg.ihave)
+        sent["idontwant"] += len(control_msg.idontwant)
+        await super().emit_control_message(control_msg, to_peer)
 
     async def handle_rpc(self, rpc: rpc_pb2.RPC, sender_peer_id: ID) -> None:
         if isinstance(self.pubsub, GuardedPubsub):  # control from a peer: it is alive (swarm.liveness)
@@ -348,8 +388,46 @@ def build_router(heartbeat_s: float = 1.0) -> BoundedGossipSub:
     )
 
 
+def _cached_record_check(verify: Callable[[Any, IHost, ID], bool]) -> Callable[[Any, IHost, ID], bool]:
+    """verify (0.8.1's maybe_consume_signed_record), skipped when the RPC carries the very bytes that already passed
+    for this peer on this host within RECORD_RECHECK_S (see the module doc). A failed check is never remembered."""
+
+    def check(msg: Any, host: IHost, peer_id: ID) -> bool:
+        if not msg.HasField("senderRecord"):
+            return verify(msg, host, peer_id)
+        cache: dict[ID, tuple[bytes, float]] | None = getattr(host, "_swarm_verified_records", None)
+        if cache is None:
+            cache = {}
+            setattr(host, "_swarm_verified_records", cache)
+        record, now = msg.senderRecord, trio.current_time()
+        hit = cache.get(peer_id)
+        if hit is not None and hit[0] == record and now - hit[1] < RECORD_RECHECK_S:
+            return True
+        ok = verify(msg, host, peer_id)
+        cache.pop(peer_id, None)
+        if ok:
+            cache[peer_id] = (record, now)
+            while len(cache) > RECORD_CACHE_PEERS:
+                cache.pop(next(iter(cache)))
+        return ok
+
+    check.__wrapped__ = verify  # type: ignore[attr-defined]
+    return check
+
+
+def install_record_cache() -> None:
+    """Route py-libp2p's per-RPC record checks in pubsub and gossipsub through _cached_record_check (idempotent)."""
+    import libp2p.pubsub.gossipsub as gossipsub_mod
+    import libp2p.pubsub.pubsub as pubsub_mod
+
+    for mod in (pubsub_mod, gossipsub_mod):
+        if not hasattr(mod.maybe_consume_signed_record, "__wrapped__"):
+            mod.maybe_consume_signed_record = _cached_record_check(mod.maybe_consume_signed_record)
+
+
 def build_pubsub(host: IHost, router: GossipSub, *, on_message: Callable[[rpc_pb2.Message], None],
                  on_bad_peer: Callable[[ID, str], None], seen_ttl_s: int = SEEN_TTL_S) -> GuardedPubsub:
+    install_record_cache()
     return GuardedPubsub(host, router, on_message=on_message, on_bad_peer=on_bad_peer,
                          strict_signing=True,  # libp2p signs each message: msg.from_id is authenticated
                          seen_ttl=seen_ttl_s,

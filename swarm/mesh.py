@@ -228,6 +228,8 @@ class Mesh(PublishingMixin, HelloMixin, ShardSubscriptionsMixin, ReceivingMixin,
                 # outbound RPCs a full per-peer queue refused (a link slower than what we send it), and the messages in them
                 "outbound_dropped": self._outbound_dropped(),
                 "gossip_refused": self._gossip_refused(),
+                # control RPCs our router sent (GRAFT/PRUNE/IHAVE/IWANT/IDONTWANT), and IHAVE/IDONTWANT entries in them
+                "control_sent": dict(getattr(getattr(self._pubsub, "router", None), "control_sent", {})),
                 "rejections_by_reason": {r: self.validator.counts.get(r, 0) for r in REASONS},
                 "rejected_before_signature": self.validator.prechecked,
                 "relay_charged": self.standing.relay_charged,

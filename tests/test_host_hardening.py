@@ -285,3 +285,105 @@ async def test_no_idontwant_for_messages_under_a_kib() -> None:
         assert all(s >= IDONTWANT_MIN_BYTES for s in sizes), sorted(sizes)
         assert router.idontwant_skipped >= 2  # the Hellos: published, no notice
         n.cancel_scope.cancel()
+
+
+async def test_no_ihave_gossip_for_messages_under_a_kib() -> None:
+    """0.8.1 offers every message in a topic's gossip window to peers outside the mesh each heartbeat, and Hellos keep
+    the window full: an idle node sent an IHAVE per topic to 6 peers every second (docs/scale.md). Now only messages
+    of at least IHAVE_MIN_BYTES are offered: the Hellos get no IHAVE, a batch still does."""
+    from swarm.host import IHAVE_MIN_BYTES
+
+    async with trio.open_nursery() as n:
+        a = await start(n)
+        b, c = await start(n, a), await start(n, a)
+        router = a._pubsub.router
+        on_topic = lambda: {p.to_base58() for p in a._pubsub.peer_topics.get(a.topic, ())}  # noqa: E731
+        await wait_until(lambda: {b.peer_id, c.peer_id} <= on_topic(), timeout=30)
+        c_id = ID.from_base58(c.peer_id)
+
+        def plan_for_c() -> list[int]:
+            """Sizes of the messages a's heartbeat would offer c, were c outside a's mesh (the gossip's audience)."""
+            router.mesh.get(a.topic, set()).discard(c_id)
+            plan = router.gossip_heartbeat()
+            return [len(router.mcache.msgs[m].data) for m in plan.get(c_id, {}).get(a.topic, [])]
+
+        await wait_until(lambda: any(m.topicIDs == [a.topic] for m in router.mcache.msgs.values()), timeout=30)
+        assert plan_for_c() == [] and router.ihave_ids_skipped > 0  # the Hellos in the window: none offered
+        assert await a.publish_rollouts(1, "m", dummy_rollouts(2, text="y" * 1500)) == 1
+        offered = plan_for_c()
+        assert offered and all(s >= IHAVE_MIN_BYTES for s in offered), offered  # the batch: offered
+        n.cancel_scope.cancel()
+
+
+# ---- idle cost: the sender's signed record, verified once per peer ---------------------------------------------------
+
+async def test_a_peers_unchanged_signed_record_is_verified_once_not_twice_per_rpc(monkeypatch) -> None:
+    """Every pubsub RPC carries its sender's signed peer record, and 0.8.1 verifies it twice per RPC (an Ed25519 check
+    and a peerstore write each). Through the real mesh: once b's record has passed, b's Hellos cost no check."""
+    import libp2p.pubsub.utils as utils
+
+    async with trio.open_nursery() as n:
+        a = await start(n)
+        await start(n, a)
+        await wait_until(lambda: a.stats()["accepted_hellos"] >= 1, timeout=30)
+        checks: list[bytes] = []
+        real = utils.consume_envelope
+
+        def counting(data, domain):
+            checks.append(bytes(data))
+            return real(data, domain)
+
+        monkeypatch.setattr(utils, "consume_envelope", counting)
+        hellos = a.stats()["accepted_hellos"]
+        await wait_until(lambda: a.stats()["accepted_hellos"] >= hellos + 3, timeout=30)
+        assert checks == [], len(checks)  # 3 Hellos from b (and its control RPCs), no signature check: cached
+        n.cancel_scope.cancel()
+
+
+def test_the_record_cache_verifies_new_or_changed_bytes_and_forgets_failures() -> None:
+    """What the cache skips is only bytes that passed for the same peer: a changed (or forged) record is verified,
+    a failure is not remembered, another peer sending the same bytes is verified, and a hit expires."""
+    from swarm.host import RECORD_RECHECK_S, _cached_record_check
+
+    calls: list[tuple[bytes, ID]] = []
+    good = {(b"rec-a", "A")}
+
+    def verify(msg, host, peer_id):
+        calls.append((msg.senderRecord, peer_id))
+        return (msg.senderRecord, peer_id) in good
+
+    check = _cached_record_check(verify)
+
+    class Host:
+        pass
+
+    host = Host()
+
+    def rpc(record: bytes) -> rpc_pb2.RPC:
+        m = rpc_pb2.RPC()
+        m.senderRecord = record
+        return m
+
+    async def run() -> None:
+        assert check(rpc(b"rec-a"), host, "A") and check(rpc(b"rec-a"), host, "A")
+        assert len(calls) == 1  # the same bytes again: not re-verified
+        assert not check(rpc(b"forged"), host, "A") and len(calls) == 2  # changed bytes: verified, refused
+        assert check(rpc(b"rec-a"), host, "A") and len(calls) == 3  # after a failure, verified afresh
+        assert not check(rpc(b"rec-a"), host, "B") and len(calls) == 4  # another peer, the same bytes: verified
+        assert check(rpc_pb2.RPC(), host, "A") is False  # no record: the base decides (here: refused)
+        await trio.sleep(0)
+
+    trio.run(run)
+    clock_calls = len(calls)
+
+    host = Host()  # a fresh cache, on the mock clock's time
+
+    async def later() -> None:  # a hit expires after RECORD_RECHECK_S
+        assert check(rpc(b"rec-a"), host, "A")
+        await trio.sleep(RECORD_RECHECK_S + 1)
+        assert check(rpc(b"rec-a"), host, "A")
+
+    from trio.testing import MockClock
+
+    trio.run(later, clock=MockClock(autojump_threshold=0))
+    assert len(calls) == clock_calls + 2
