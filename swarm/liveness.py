@@ -9,7 +9,10 @@ close the connection. Discovery redials it later if it comes back.
 A peer that sent us a message or a gossip control RPC since the last cycle has shown it is alive, and is not pinged
 (`heard_at`): each ping opens a stream and negotiates its protocol, ~3.5 ms of CPU per peer and cycle on both ends,
 a third of an idle relay's CPU with 11 peers (docs/scale.md, "What an idle node spends"). In a swarm that gossips,
-that leaves the pings to the quiet links, which are the ones that need them.
+that leaves the pings to the quiet links, which are the ones that need them. A peer that pings us is alive too
+(`hear_inbound_pings`): on a quiet link the end with the smaller peer ID pings and the other, which counts what it
+heard over 1.5 cycles, only answers (and pings again if those pings stop), so each quiet link costs one ping per
+cycle instead of two.
 
 A starved machine (a laptop running 8 nodes on 2 cores) answers pings late; that must not tear the mesh down. So the
 defaults are lenient (3 misses of 15 s: a silent peer goes after ~45-75 s, not the kernel's ~15 min), and a cycle in
@@ -19,15 +22,31 @@ slow one, and a late answer says nothing about the peer.
 from __future__ import annotations
 
 import logging
+import random
 from typing import Awaitable, Callable
 
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.host.ping import ID as PING_ID
 from libp2p.host.ping import perform_ping_roundtrip
 from libp2p.peer.id import ID
 
 log = logging.getLogger(__name__)
+JITTER = 0.1  # each cycle lasts interval_s x (1 +- JITTER)
+LOOK_BACK = 0.5  # cycles further back the larger-ID end of a link counts what it heard (see hear_inbound_pings)
+
+
+def hear_inbound_pings(host: IHost, heard: dict[ID, float]) -> None:
+    """Record a peer opening a ping stream to us in `heard` (as a message from it would be), then answer as before."""
+    answer = host.get_mux().handlers.get(PING_ID)
+    if answer is None:
+        return
+
+    async def handle(stream: INetStream) -> None:
+        heard[stream.muxed_conn.peer_id] = trio.current_time()
+        await answer(stream)
+
+    host.set_stream_handler(PING_ID, handle)
 
 
 class Liveness:
@@ -54,8 +73,10 @@ class Liveness:
         async with trio.open_nursery() as background:
             while True:
                 t0 = trio.current_time()
-                await trio.sleep(self.interval_s)
-                lagged = trio.current_time() - t0 - self.interval_s > self.max_lag_s
+                # jittered, so two ends that started together drift apart and one of them sees the other's ping first
+                wait = self.interval_s * random.uniform(1 - JITTER, 1 + JITTER)
+                await trio.sleep(wait)
+                lagged = trio.current_time() - t0 - wait > self.max_lag_s
                 peers = list(self.host.get_connected_peers())
                 self.misses = {p: n for p, n in self.misses.items() if p in peers}
                 names = {p.to_base58() for p in peers}
@@ -63,11 +84,16 @@ class Liveness:
                 results: dict[ID, float | None] = {}
                 waiting = []
                 heard: set[ID] = set()
+                me = self.host.get_id().to_bytes()
                 for pid in peers:
                     if pid in self._inflight:  # the previous ping never came back: another miss
                         continue
                     at = self.heard_at(pid) if self.heard_at is not None else None
-                    if at is not None and at >= t0:  # it spoke during this cycle: alive, no ping needed
+                    # it spoke during this cycle: alive, no ping needed. Of the two ends of a link, the one with the
+                    # larger ID looks back half a cycle further, so the other's pings (one per cycle) always reach it
+                    # in time and only one end pings a quiet link
+                    since = t0 - (LOOK_BACK * self.interval_s if me > pid.to_bytes() else 0.0)
+                    if at is not None and at >= since:
                         heard.add(pid)
                         continue
                     self.pings_sent += 1

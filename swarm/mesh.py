@@ -34,7 +34,7 @@ from .bans import BansMixin
 from .discovery import Discovery
 from .hellos import HelloMixin
 from .host import StalledLinks, build_host, build_pubsub, build_router, drop_dead_peer
-from .liveness import Liveness
+from .liveness import Liveness, hear_inbound_pings
 from .maintenance import MaintenanceMixin
 from .mesh_records import MeshConfig, MeshCounters, Received, topic_for
 from .publish import PublishingMixin
@@ -128,6 +128,7 @@ class Mesh(PublishingMixin, HelloMixin, ShardSubscriptionsMixin, ReceivingMixin,
                                                       max_misses=cfg.ping_max_misses,
                                                       on_dead=lambda pid: drop_dead_peer(host, pid),
                                                       heard_at=pubsub.heard.get)
+                            hear_inbound_pings(host, pubsub.heard)
                             nursery.start_soon(self._liveness.run)
                         log.info("mesh %s listening on %s", self.topic, " ".join(self._listen_addrs))
                         task_status.started()

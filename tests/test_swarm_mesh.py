@@ -327,6 +327,30 @@ async def test_liveness_does_not_ping_a_peer_that_keeps_talking() -> None:
         n.cancel_scope.cancel()
 
 
+async def test_on_a_quiet_link_only_one_side_pings() -> None:
+    """A peer that pings us is alive: we do not ping it back in that cycle. Without that, both ends of a quiet link
+    (no messages, no gossip) pinged each other every cycle, each ping a stream and a protocol negotiation on both
+    ends; now one side pings and the other answers."""
+    async with trio.open_nursery() as n:
+        a = await start(n, ping_interval_s=0.5, ping_timeout_s=2.0)
+        b = await start(n, a, ping_interval_s=0.5, ping_timeout_s=2.0)
+        await wait_until(lambda: a.peers() and b.peers())
+
+        async def silent() -> None:  # no Hellos (which would show each side alive to the other)
+            pass
+
+        a._publish_hello = b._publish_hello = silent
+        await trio.sleep(2.0)  # past the last Hellos and subscription RPCs: the link is quiet from here
+        sent = (a._liveness.pings_sent, b._liveness.pings_sent)
+        t0 = trio.current_time()
+        await trio.sleep(5.0)
+        cycles = (trio.current_time() - t0) / 0.5
+        pings = a._liveness.pings_sent - sent[0] + b._liveness.pings_sent - sent[1]
+        assert 0.7 * cycles <= pings <= 1.2 * cycles, (pings, cycles)  # both sides every cycle would be ~2 x cycles
+        assert a._liveness.dropped == 0 and b._liveness.dropped == 0 and b.peer_id in a.peers()
+        n.cancel_scope.cancel()
+
+
 async def test_lost_peers_are_redialed_without_hellos_or_bootstrap() -> None:
     """B and C met through A (peer exchange). A dies and the B-C link is cut: no Hello can reach either side and
     their only bootstrap is dead, so only discovery's redial of known peers can bring them back together."""
