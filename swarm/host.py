@@ -48,6 +48,12 @@ Every non-default here fixes a measured problem (see shared/notes/libp2p-0.8.md,
   an Ed25519 check and a peerstore update each time, though a peer sends the same record bytes until its addresses
   change. install_record_cache() makes both calls skip bytes already verified for that peer on that host (re-checked
   every RECORD_RECHECK_S, so the peerstore's 2-hour TTL stays fresh); new or changed bytes are verified as before.
+- a yamux WINDOW_UPDATE for every read: 0.8.1's YamuxStream credits the sender back after each read however small
+  (its "partial slack" and release-on-read paths), and pubsub reads an RPC's varint prefix and body in several reads,
+  so each RPC received cost several extra frames written back (each its own Noise message and socket send): in a
+  profile of an idle relay they were the most frequent write. go-yamux sends an update only once the consumed bytes
+  reach half the window; install_yamux_window_batching() restores that, so small RPCs cost no frame back and a large
+  message still gets its credit every half window.
 """
 from __future__ import annotations
 
@@ -117,9 +123,32 @@ def noise_only(kp: KeyPair) -> dict[Any, Any]:
     return {NOISE_PROTOCOL_ID: NoiseTransport(kp, noise_privkey=create_new_x25519_key_pair().private_key)}
 
 
+def install_yamux_window_batching() -> None:
+    """YamuxStream sends a WINDOW_UPDATE only once half its receive window is consumed (go-yamux), not per read
+    (module doc). Idempotent; PY_YAMUX_DISABLE_HYSTERESIS still makes every read send one."""
+    from libp2p.stream_muxer.yamux.yamux import YamuxStream
+
+    if getattr(YamuxStream._auto_tune_and_send_window_update, "_swarm_batched", False):
+        return
+
+    async def batched(self: Any, *, bytes_read: int = 0) -> None:
+        increment = 0
+        async with self.window_lock:
+            buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+            consumed = self.target_recv_window - (self.recv_window + buffered)  # read since the last update
+            if consumed > 0 and consumed >= self._grow_threshold():
+                increment = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
+        if increment > 0:
+            await self.send_window_update(increment, skip_lock=True)
+
+    batched._swarm_batched = True  # type: ignore[attr-defined]
+    YamuxStream._auto_tune_and_send_window_update = batched  # type: ignore[method-assign]
+
+
 def build_host(identity: Identity, listen: Sequence[str], *, mdns: bool = False) -> IHost:
     """A TCP host speaking Noise only. No `bootstrap=` here: dialing before pubsub runs crashed 0.8.1 [8].
     mdns=True starts py-libp2p's zeroconf mDNS, which only fills the peerstore (Discovery dials from there)."""
+    install_yamux_window_batching()
     kp = key_pair_for(identity)
     return new_host(key_pair=kp, sec_opt=noise_only(kp), listen_addrs=[multiaddr.Multiaddr(a) for a in listen],
                     enable_mDNS=mdns)

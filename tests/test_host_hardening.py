@@ -387,3 +387,36 @@ def test_the_record_cache_verifies_new_or_changed_bytes_and_forgets_failures() -
 
     trio.run(later, clock=MockClock(autojump_threshold=0))
     assert len(calls) == clock_calls + 2
+
+
+# ---- idle cost: yamux window updates ---------------------------------------------------------------------------------
+
+async def test_small_rpcs_cost_no_window_update_and_a_large_batch_still_flows(monkeypatch) -> None:
+    """0.8.1's yamux sent a WINDOW_UPDATE frame back for every read, and pubsub reads each RPC in several reads: a
+    Hello cost its receiver several frames written. Now (go-yamux) an update goes out only once half the window is
+    consumed: Hellos cost none, and a batch larger than the whole 256 KiB window still arrives (credit mid-message)."""
+    from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, YamuxStream
+
+    updates: list[int] = []
+    real = YamuxStream.send_window_update
+
+    async def counting(self, increment, skip_lock=False):
+        updates.append(increment)
+        return await real(self, increment, skip_lock)
+
+    monkeypatch.setattr(YamuxStream, "send_window_update", counting)
+    async with trio.open_nursery() as n:
+        a = await start(n)
+        b = await start(n, a)
+        await wait_until(lambda: a.stats()["accepted_hellos"] >= 1 and b.stats()["accepted_hellos"] >= 1, timeout=30)
+        updates.clear()
+        hellos = a.stats()["accepted_hellos"]
+        await wait_until(lambda: a.stats()["accepted_hellos"] >= hellos + 3, timeout=30)
+        assert updates == []  # 3 Hellos each way (and their gossip), no frame back
+        big = dummy_rollouts(48, text="y" * 16_000, completions=1)  # ~770 KB: three windows' worth
+        assert await b.publish_rollouts(1, "m", big) == 1
+        with trio.fail_after(30):
+            got = await a.incoming.receive()
+        assert got.batch.round == 1 and len(got.batch.rollouts) == 48
+        assert updates and all(u >= DEFAULT_WINDOW_SIZE // 2 for u in updates), updates  # credit per half window
+        n.cancel_scope.cancel()
