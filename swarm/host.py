@@ -92,7 +92,8 @@ IDONTWANT_MIN_BYTES = 1024  # go-libp2p's IDontWantMessageThreshold: a smaller m
 IHAVE_MIN_BYTES = 1024  # smaller messages (Hellos) are not offered by gossip: repeated by their sender, not repaired
 RECORD_RECHECK_S = 600.0  # a peer's unchanged signed record is verified again after this long (peerstore TTL 7200 s)
 RECORD_CACHE_PEERS = 4096  # per host: peers whose last verified record is remembered (oldest forgotten first)
-PUBSUB_STALL_S = 10.0  # a connected peer this long without a pubsub stream or subscriptions is a broken link
+PUBSUB_STALL_S = 30.0  # a connected peer this long without a pubsub stream or subscriptions is a broken link
+STALL_MIN_CHECKS = 10  # ... and seen so in this many maintenance checks (one per heartbeat): see StalledLinks
 
 
 def validation_cache_ttl_for(seen_ttl_s: int) -> int:
@@ -469,15 +470,23 @@ def build_pubsub(host: IHost, router: GossipSub, *, on_message: Callable[[rpc_pb
 
 class StalledLinks:
     """Connected peers whose pubsub link is broken: no pubsub stream to them, or none of their subscriptions known,
-    for `grace_s` in a row (a new connection has both within a second). Seen after one oversized frame (item 11):
-    libp2p re-opens the stream but one end has forgotten the other's subscriptions for good, while the connection
-    and the liveness pings stay up. `check` returns the peers to disconnect (discovery redials them, and a fresh
-    connection exchanges subscriptions again); it is called from the mesh's maintenance loop.
+    for `grace_s` in a row and over at least `min_checks` checks (a new connection has both within a second). Seen
+    after one oversized frame (item 11): libp2p re-opens the stream but one end has forgotten the other's
+    subscriptions for good, while the connection and the liveness pings stay up. `check` returns the peers to
+    disconnect (discovery redials them, and a fresh connection exchanges subscriptions again); it is called from the
+    mesh's maintenance loop, every heartbeat.
+
+    Both bounds are for starved machines (docs/scale.md): with 32 processes on 2 cores a trainer's event loop fell
+    seconds behind while it trained, so its new links took over 10 s to exchange subscriptions, and its peers (and,
+    when its own late checks ran back to back, the trainer itself) closed them as dead, 155 times in the first
+    minute of one run, a batch lost in the churn. A link broken for good still goes after ~grace_s; a loop that
+    runs late makes fewer checks and so waits longer, instead of judging a link over time it did not see.
     """
 
-    def __init__(self, grace_s: float = PUBSUB_STALL_S) -> None:
+    def __init__(self, grace_s: float = PUBSUB_STALL_S, min_checks: int = STALL_MIN_CHECKS) -> None:
         self.grace_s = grace_s
-        self._since: dict[ID, float] = {}  # peer -> when it was first seen stalled (trio time)
+        self.min_checks = min_checks
+        self._since: dict[ID, tuple[float, int]] = {}  # peer -> (first seen stalled, trio time; checks it was since)
 
     def check(self, host: IHost, pubsub: Pubsub, now: float, skip: Callable[[ID], bool] = lambda _: False) -> list[ID]:
         connected = set(host.get_connected_peers())
@@ -489,10 +498,13 @@ class StalledLinks:
             if ok or skip(pid):
                 self._since.pop(pid, None)
                 continue
-            since = self._since.setdefault(pid, now)
-            if now - since >= self.grace_s:
+            since, checks = self._since.get(pid, (now, 0))
+            checks += 1
+            if now - since >= self.grace_s and checks >= self.min_checks:
                 del self._since[pid]
                 out.append(pid)
+            else:
+                self._since[pid] = (since, checks)
         return out
 
 
