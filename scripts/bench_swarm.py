@@ -584,8 +584,8 @@ def bench(n: int, args: argparse.Namespace) -> dict[str, Any]:
                             f"{p['published_rows_before_last']}..{p['published_rows']}")
         if p.get("joined") and "bans" in p and (p["bans"] or p["rejections"]):
             problems.append(f"{p['node']}: rejected honest peers' messages {p['rejections']}, bans {p['bans']}")
-        if p.get("joined") and p["max_peers"] < n - 1:
-            problems.append(f"{p['node']}: saw at most {p['max_peers']} of {n - 1} peers")
+        if p.get("joined") and p.get("max_peers", 0) < n - 1:
+            problems.append(f"{p['node']}: saw at most {p.get('max_peers', 0)} of {n - 1} peers")
     relays = analyze_relays(runs["share"])
     for rp in runs["share"].get("relays", []):
         if rp["rc"] != 0:
