@@ -92,7 +92,7 @@ IDONTWANT_MIN_BYTES = 1024  # go-libp2p's IDontWantMessageThreshold: a smaller m
 IHAVE_MIN_BYTES = 1024  # smaller messages (Hellos) are not offered by gossip: repeated by their sender, not repaired
 RECORD_RECHECK_S = 600.0  # a peer's unchanged signed record is verified again after this long (peerstore TTL 7200 s)
 RECORD_CACHE_PEERS = 4096  # per host: peers whose last verified record is remembered (oldest forgotten first)
-PUBSUB_STALL_S = 30.0  # a connected peer this long without a pubsub stream or subscriptions is a broken link
+PUBSUB_STALL_S = 10.0  # a connected peer this long without a pubsub stream or subscriptions is a broken link
 STALL_MIN_CHECKS = 10  # ... and seen so in this many maintenance checks (one per heartbeat): see StalledLinks
 
 
@@ -476,11 +476,11 @@ class StalledLinks:
     disconnect (discovery redials them, and a fresh connection exchanges subscriptions again); it is called from the
     mesh's maintenance loop, every heartbeat.
 
-    Both bounds are for starved machines (docs/scale.md): with 32 processes on 2 cores a trainer's event loop fell
-    seconds behind while it trained, so its new links took over 10 s to exchange subscriptions, and its peers (and,
-    when its own late checks ran back to back, the trainer itself) closed them as dead, 155 times in the first
-    minute of one run, a batch lost in the churn. A link broken for good still goes after ~grace_s; a loop that
-    runs late makes fewer checks and so waits longer, instead of judging a link over time it did not see.
+    min_checks is for starved machines (docs/scale.md): with 32 processes on 2 cores a trainer's event loop fell
+    seconds behind while it trained, and when its late checks ran back to back it closed new links over time it had
+    not seen (178 closes by trainers in the first minute of one run). A loop that runs late now makes fewer checks
+    and so waits longer; a link broken for good still goes after ~grace_s (30 s was tried: longer-lived broken links
+    lost more batches).
     """
 
     def __init__(self, grace_s: float = PUBSUB_STALL_S, min_checks: int = STALL_MIN_CHECKS) -> None:
