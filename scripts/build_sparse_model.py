@@ -1,4 +1,7 @@
-"""Build the embedded tiny-sparse model (node/assets/tiny-sparse): the SAPO paper's regime on a CPU.
+"""Build an embedded model of the sparse regime: the SAPO paper's regime on a CPU.
+
+    python scripts/build_sparse_model.py                                            # node/assets/tiny-sparse
+    python scripts/build_sparse_model.py --out node/assets/tiny-cold --tagged 0.03  # the colder start
 
 The paper's nodes (Qwen2.5-0.5B on ReasoningGYM) start with low reward: most of their own groups are all wrong, so a
 node alone gets little signal, and a skill one node stumbles on (the paper: the answer format) spreads through the
