@@ -317,11 +317,14 @@ class BoundedGossipSub(GossipSub):
         a peer left with nothing to be told gets no IHAVE (see the module doc)."""
         plan = super().gossip_heartbeat()
         msgs = self.mcache.msgs
+        kept: dict[str, list[bytes]] = {}  # topic -> its IDs worth offering: the base gives every peer the same window
         for peer in list(plan):
             topics = plan[peer]
             for topic in list(topics):
                 ids = topics[topic]
-                keep = [m for m in ids if m in msgs and len(msgs[m].data) >= IHAVE_MIN_BYTES]
+                keep = kept.get(topic)
+                if keep is None:
+                    keep = kept[topic] = [m for m in ids if m in msgs and len(msgs[m].data) >= IHAVE_MIN_BYTES]
                 self.ihave_ids_skipped += len(ids) - len(keep)
                 if keep:
                     topics[topic] = keep
