@@ -12,6 +12,7 @@ A relay has no rounds, so in a sharded swarm it listens to its home shard and --
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import signal
 import sys
@@ -25,6 +26,7 @@ from node.config import ConfigError, NodeConfig, data_dir
 from node.memory_plan import proc_kib
 from node.status import StatusPortError, serve_status
 from protocol.identity import Identity, IdentityError, load_or_create_identity
+from swarm.receipts import RECEIPTS_ENV
 
 log = logging.getLogger("swarm_node.relay")
 
@@ -50,7 +52,7 @@ class Relay:
             swarm=cfg.swarm, listen=cfg.listen, bootstrap=tuple(cfg.bootstrap), max_age_s=cfg.max_staleness_s,
             mdns=cfg.mdns, max_peers=cfg.max_peers, shards=cfg.shards, shard_fanin=cfg.shard_fanin,
             shard_rotate_rounds=cfg.shard_rotate_rounds, ping_interval_s=cfg.ping_interval_s,
-            ping_timeout_s=cfg.ping_timeout_s))
+            ping_timeout_s=cfg.ping_timeout_s, receipts=os.environ.get(RECEIPTS_ENV, "")))
         self.started_at = time.time()
         self.batches_seen = 0  # validated batches that reached us (gossipsub forwarded them on already)
         self.senders: dict[str, int] = {}  # sender -> batches, for the status page (bounded below)

@@ -28,6 +28,7 @@ from node.status import serve_status
 from protocol.identity import Identity
 from protocol.messages import RolloutBatch
 from swarm.pool import ExperiencePool, PooledGroup
+from swarm.receipts import RECEIPTS_ENV
 
 log = logging.getLogger("swarm_node")
 
@@ -282,6 +283,7 @@ class NodeRuntime:
                         shards=self.cfg.shards,
                         shard_fanin=self.cfg.shard_fanin, shard_rotate_rounds=self.cfg.shard_rotate_rounds,
                         ping_interval_s=self.cfg.ping_interval_s, ping_timeout_s=self.cfg.ping_timeout_s,
+                        receipts=os.environ.get(RECEIPTS_ENV, ""),
                     ),
                 )
                 await nursery.start(self.mesh.run)

@@ -22,6 +22,13 @@ is then everyone's bootstrap, and each trainer also bootstraps through one more 
 --relay-extra flags go to the relays only (e.g. --relay-extra=--max-peers=8). They are sampled like the nodes (CPU, resident memory, status) and reported on their own
 (bench.json "relays"); the columns below are the training nodes'.
 
+Exact delivery: every process started here writes a receipts ledger (swarm.receipts, SWARM_NODE_RECEIPTS): each batch
+it published and each it accepted, by (sender, seq), and its fan-in shards over time. Below the table one line per
+run gives delivery counted batch by batch (analyze_receipts): a batch is expected at every trainer (and, apart, every
+relay) that listened to its sender's home shard from its publish until --drain-s later and was still running then;
+"by every receiver" counts batches lost where they started. It has no window edges to estimate, so it is the figure
+to quote; the table's delivery column is the older estimate from counters.
+
 Columns (DIR/bench.json has these and per-node / per-pair detail; warnings go to stderr and into "problems"):
 
 delivery      Batch level, from mesh counters. A node has "joined" at the first sweep whose status lists >= 1 peer; the
@@ -92,6 +99,7 @@ sys.path.insert(0, str(ROOT))
 
 from node.config import NodeConfig  # noqa: E402
 from protocol.messages import MAX_ROLLOUTS  # noqa: E402
+from swarm.receipts import RECEIPTS_ENV  # noqa: E402
 from swarm.shards import home_shard  # noqa: E402
 from node.cli import RELAY_SETTINGS  # noqa: E402
 from protocol.identity import Identity, save_identity  # noqa: E402
@@ -240,13 +248,13 @@ def run_swarm(n: int, rounds: int, out: Path, *, share: bool, timeout: float, po
         # with relays, relay 0 is everyone's bootstrap (seed duty); without, node 0 is
         seed = relay_procs[0].addr if relay_procs else nodes[0].addr
         for i, rp in enumerate(relay_procs):
-            rp.start(swarm, [] if i == 0 else [seed], [*_relay_flags(extra), *relay_extra])
+            rp.start(swarm, [] if i == 0 else [seed], [*_relay_flags(extra), *relay_extra], env=_receipts_env(rp))
         for i, nd in enumerate(nodes):
             # a second seed per trainer, spread over the relays: one seed dialed by everyone at once is what a
             # starved machine fails to answer first (64 processes: no trainer's bootstrap dial answered in 5 s)
             seeds = [seed, relay_procs[1 + i % (relays - 1)].addr] if relays >= 2 else [seed]
             nd.start(swarm, [] if nd.addr == seed else seeds,
-                     ["--rounds", str(rounds), "--seed", str(i), *mode, *extra])
+                     ["--rounds", str(rounds), "--seed", str(i), *mode, *extra], env=_receipts_env(nd))
         deadline = time.monotonic() + timeout
         with ThreadPoolExecutor(max_workers=n + relays) as pool:
             while True:
@@ -274,10 +282,11 @@ def run_swarm(n: int, rounds: int, out: Path, *, share: bool, timeout: float, po
         "swarm": swarm, "share": share, "rounds": rounds, "timed_out": timed_out, "sweeps": sweeps, "elapsed_s": round(time.time() - t_start, 1),
         "nodes": [{"name": nd.name, "peer_id": nd.identity.peer_id, "rc": nd.proc.returncode,
                    "lifetime_cpu_s": rusage.get(nd.name), "samples": samples[nd.name], "metrics": nd.metrics(),
+                   "receipts": _read_receipts(nd),
                    "log_tail": nd.output()[-1500:] if nd.proc.returncode not in (0,) else ""}
                   for nd in nodes],
         "relays": [{"name": rp.name, "peer_id": rp.identity.peer_id, "rc": rp.proc.returncode,
-                    "lifetime_cpu_s": rusage.get(rp.name), "samples": samples[rp.name],
+                    "lifetime_cpu_s": rusage.get(rp.name), "samples": samples[rp.name], "receipts": _read_receipts(rp),
                     "log_tail": rp.output()[-1500:] if rp.proc.returncode not in (0,) else ""}
                    for rp in relay_procs],
     }
@@ -285,7 +294,114 @@ def run_swarm(n: int, rounds: int, out: Path, *, share: bool, timeout: float, po
     return run
 
 
+def _receipts_env(p: JoinProc) -> dict[str, str]:
+    return {RECEIPTS_ENV: str(p.dir / "receipts.jsonl")}
+
+
+def _read_receipts(p: JoinProc) -> list[dict]:
+    """The process's ledger (swarm.receipts): one dict per batch published / accepted and per fan-in change."""
+    path = p.dir / "receipts.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line cut by the process's end
+            pass
+    return out
+
+
 # ---- analysis ----------------------------------------------------------------------------------------------------
+
+
+def analyze_receipts(run: dict, drain_s: float) -> dict[str, Any] | None:
+    """Exact delivery, batch by batch, from every process's receipts (swarm.receipts).
+
+    A trainer's batch (sender j, seq) is expected at receiver i when it was published after every trainer had joined
+    and after i had, i listened to j's home shard from the publish time until drain_s after it (its `listen`
+    lines), and i was still running drain_s after it (its last readable status); delivered when i's ledger has
+    (j, seq) at any time. A batch published closer than drain_s to i's end is left out ("edge") and counted. Relays
+    are receivers too (reported apart: they forward to trainers). Also: batches that reached none of the receivers
+    that expected them (lost at the sender), and exact publish -> accept latencies."""
+    nodes, relays = run["nodes"], run.get("relays", [])
+    if not any(nd.get("receipts") for nd in nodes):
+        return None
+    joined_t = {}
+    end_t = {}
+    for p in nodes + relays:
+        ss = _with_status(p)
+        j = next((s["t"] for s in ss if s["st"]["n_peers"] >= 1), None)
+        if j is not None:
+            joined_t[p["name"]] = j
+        if ss:
+            end_t[p["name"]] = ss[-1]["t"]
+    if any(nd["name"] not in joined_t for nd in nodes):
+        return None
+    start = max(joined_t[nd["name"]] for nd in nodes)
+    pubs = [(nd["peer_id"], nd["name"], x) for nd in nodes for x in nd.get("receipts", []) if x["ev"] == "pub"]
+
+    def receiver(p: dict) -> dict[str, Any]:
+        rc = p.get("receipts", [])
+        listens = [(x["t"], set(x["shards"])) for x in rc if x["ev"] == "listen"]
+        acc = {}
+        for x in rc:
+            if x["ev"] == "acc":
+                acc.setdefault((x["sender"], x["seq"]), x["t"])
+        out: dict[str, Any] = {"expected": 0, "delivered": 0, "edge": 0, "missing": [], "lat_ms": [], "expected_keys": []}
+        if p["name"] not in joined_t or not listens:
+            return out
+        t_end = end_t[p["name"]]
+        for pid, name, x in pubs:
+            if pid == p["peer_id"] or x["t"] < max(start, joined_t[p["name"]]):
+                continue
+            before = [s for t, s in listens if t <= x["t"]]
+            during = [s for t, s in listens if x["t"] < t <= x["t"] + drain_s]
+            if not before or not all(x["shard"] in s for s in before[-1:] + during):
+                continue
+            if x["t"] + drain_s > t_end:
+                out["edge"] += 1
+                continue
+            out["expected"] += 1
+            out["expected_keys"].append((name, x["seq"]))
+            got = acc.get((pid, x["seq"]))
+            if got is None:
+                out["missing"].append({"sender": name, "seq": x["seq"], "published_s": round(x["t"] - start, 1)})
+            else:
+                out["delivered"] += 1
+                out["lat_ms"].append((got - x["created_at"]) * 1000.0)
+        return out
+
+    def total(rows: dict[str, dict]) -> dict[str, Any]:
+        exp = sum(r["expected"] for r in rows.values())
+        dl = sum(r["delivered"] for r in rows.values())
+        lat = sorted(v for r in rows.values() for v in r["lat_ms"])
+        q = lambda f: round(lat[min(len(lat) - 1, int(f * len(lat)))], 1) if lat else None  # noqa: E731
+        return {"delivery": round(dl / exp, 4) if exp else None, "expected": exp, "delivered": dl,
+                "edge": sum(r["edge"] for r in rows.values()), "lat_p50_ms": q(0.5), "lat_p90_ms": q(0.9),
+                "lat_max_ms": round(lat[-1], 1) if lat else None,
+                "per_receiver": {k: {"expected": r["expected"], "delivered": r["delivered"], "edge": r["edge"],
+                                     "missing": r["missing"]} for k, r in rows.items()}}
+
+    tr = {p["name"]: receiver(p) for p in nodes}
+    out = {"drain_s": drain_s, "trainers": total(tr)}
+    if relays:
+        out["relays"] = total({p["name"]: receiver(p) for p in relays})
+        out["relays"].pop("per_receiver")
+        out["relays"]["missing_by_relay"] = {p["name"]: len(r["missing"]) for p, r in
+                                             ((p, receiver(p)) for p in relays) if r["missing"]}
+    # a batch expected somewhere and delivered nowhere was lost where it started (the sender's mesh)
+    missed: dict[tuple[str, int], int] = {}
+    for r in tr.values():
+        for m in r["missing"]:
+            missed[(m["sender"], m["seq"])] = missed.get((m["sender"], m["seq"]), 0) + 1
+    wanted: dict[tuple[str, int], int] = {}
+    for r in tr.values():
+        for key in r["expected_keys"]:
+            wanted[key] = wanted.get(key, 0) + 1
+    out["trainers"]["batches_missed"] = len(missed)
+    out["trainers"]["batches_missed_by_all"] = sum(n == wanted.get(k) for k, n in missed.items())
+    return out
 
 
 def _share_time(m: dict) -> float:
@@ -573,6 +689,7 @@ def bench(n: int, args: argparse.Namespace) -> dict[str, Any]:
         if run["timed_out"]:
             problems.append(f"{name} run timed out after {args.timeout}s")
     share = analyze_share(runs["share"])
+    exact = analyze_receipts(runs["share"], args.drain_s)
     cpu = analyze_cpu(runs["share"], runs.get("base"))
     if "base" in runs:
         base_walls = [m["wall_s"] for nd in runs["base"]["nodes"] for m in nd["metrics"]]
@@ -590,7 +707,7 @@ def bench(n: int, args: argparse.Namespace) -> dict[str, Any]:
     for rp in runs["share"].get("relays", []):
         if rp["rc"] != 0:
             problems.append(f"share/{rp['name']} exited rc={rp['rc']}: {rp['log_tail'][-400:]}")
-    return {"n": n, "rounds": rounds, "share": share, "cpu": cpu, "problems": problems, "relays": relays,
+    return {"n": n, "rounds": rounds, "share": share, "exact": exact, "cpu": cpu, "problems": problems, "relays": relays,
             "elapsed_s": {k: v["elapsed_s"] for k, v in runs.items()},
             "swarms": {k: v["swarm"] for k, v in runs.items()}, "out": str(out)}
 
@@ -610,6 +727,9 @@ def main() -> int:
                          "trainers, and of relays, on every shard)")
     ap.add_argument("--relay-extra", action="append", default=[],
                     help="extra flag for the relays only, e.g. --relay-extra=--max-peers=8")
+    ap.add_argument("--drain-s", type=float, default=30.0,
+                    help="exact delivery (receipts): a batch counts as expected at a receiver still running this long "
+                         "after it was published (default 30)")
     ap.add_argument("--relays", type=int, default=0,
                     help="also run this many `swarm-node relay` processes (relay 0 is everyone's bootstrap); "
                          "--nodes counts the training nodes; --extra flags a relay takes (--shards=...) reach them too")
@@ -634,6 +754,14 @@ def main() -> int:
             x = r["relays"]
             print(f"N={r['n']} + {x['count']} relays: {x['rss_mb_mean']} MB resident each (max {x['rss_mb_max']}), "
                   f"{x['cpu_pct_mean']} % of a core each (max {x['cpu_pct_max']}), {x['in_kb_per_s_mean']} KB/s in each")
+    for r in results:
+        for who, e in (("trainers", (r.get("exact") or {}).get("trainers")), ("relays", (r.get("exact") or {}).get("relays"))):
+            if e:
+                print(f"N={r['n']} exact delivery to {who} (receipts, drain {r['exact']['drain_s']:.0f} s): "
+                      f"{_f(e['delivery'], 4)} ({e['delivered']} of {e['expected']}; {e['edge']} left out at the edges), "
+                      f"latency p50 {_f(e['lat_p50_ms'], 0)} / p90 {_f(e['lat_p90_ms'], 0)} / max {_f(e['lat_max_ms'], 0)} ms"
+                      + (f"; batches missed: {e['batches_missed']}, by every receiver: {e['batches_missed_by_all']}"
+                         if who == "trainers" else ""))
     print(f"\nwrote {out / 'bench.json'}")
     return 1 if any(r["problems"] for r in results) else 0
 

@@ -54,6 +54,12 @@ Every non-default here fixes a measured problem (see shared/notes/libp2p-0.8.md,
   profile of an idle relay they were the most frequent write. go-yamux sends an update only once the consumed bytes
   reach half the window; install_yamux_window_batching() restores that, so small RPCs cost no frame back and a large
   message still gets its credit every half window.
+- own messages only to the mesh: 0.8.1 has no flood publishing, so a batch we publish goes to the peers of the
+  topic's mesh at that moment and to nobody else. On a loaded machine meshes are torn and rebuilt all the time (32
+  processes on 2 cores, docs/scale.md): a batch published into an empty or dying mesh reached no one, and every
+  receiver missed it for good. go-libp2p floods a node's own messages to every peer on the topic (FloodPublish, on by
+  default); BoundedGossipSub does so for its own messages of at least FLOOD_PUBLISH_MIN_BYTES (batches; Hellos, which
+  repeat, keep to the mesh). Forwarded messages still go to the mesh only.
 """
 from __future__ import annotations
 
@@ -90,6 +96,7 @@ GOSSIP_RETRANSMISSION = 3  # go-libp2p's GossipRetransmission: replies to one pe
 IWANT_MAX_IDS = 5000  # IDs read from one IWANT entry: go-libp2p's MaxIHaveLength, so an honest one is never cut
 IDONTWANT_MIN_BYTES = 1024  # go-libp2p's IDontWantMessageThreshold: a smaller message costs less than the notice
 IHAVE_MIN_BYTES = 1024  # smaller messages (Hellos) are not offered by gossip: repeated by their sender, not repaired
+FLOOD_PUBLISH_MIN_BYTES = 1024  # our own messages this big go to every peer on the topic, not only the mesh
 RECORD_RECHECK_S = 600.0  # a peer's unchanged signed record is verified again after this long (peerstore TTL 7200 s)
 RECORD_CACHE_PEERS = 4096  # per host: peers whose last verified record is remembered (oldest forgotten first)
 PUBSUB_STALL_S = 10.0  # a connected peer this long without a pubsub stream or subscriptions is a broken link
@@ -295,16 +302,36 @@ class BoundedGossipSub(GossipSub):
         self.idontwant_skipped = 0  # forwarded messages under IDONTWANT_MIN_BYTES (no IDONTWANT sent for them)
         self.ihave_ids_skipped = 0  # message IDs under IHAVE_MIN_BYTES left out of IHAVE gossip
         self.control_sent: dict[str, int] = {"rpcs": 0, "ihave": 0, "idontwant": 0}  # what upkeep costs (status)
+        self._flood: set[bytes] = set()  # IDs of our own messages being published to every peer on the topic
+        self.flood_extra = 0  # sends of our own messages to topic peers outside the mesh (status: control_sent)
 
     async def publish(self, msg_forwarder: ID, pubsub_msg: rpc_pb2.Message) -> None:
-        small = len(pubsub_msg.data) < IDONTWANT_MIN_BYTES and self.pubsub is not None
-        mid = self.pubsub.get_message_id(pubsub_msg) if small else b""
+        size = len(pubsub_msg.data)
+        small = size < IDONTWANT_MIN_BYTES and self.pubsub is not None
+        flood = (size >= FLOOD_PUBLISH_MIN_BYTES and self.pubsub is not None and msg_forwarder == self.pubsub.my_id
+                 and pubsub_msg.from_id == self.pubsub.my_id.to_bytes())
+        mid = self.pubsub.get_message_id(pubsub_msg) if (small or flood) else b""
         if small:
             self._small.add(mid)
+        if flood:
+            self._flood.add(mid)
         try:
             await super().publish(msg_forwarder, pubsub_msg)
         finally:
             self._small.discard(mid)
+            self._flood.discard(mid)
+
+    def _get_peers_to_send(self, topic_ids: Any, msg_forwarder: ID, origin: ID,
+                           msg_id: bytes | None = None) -> Any:
+        """The base's choice (the topic's mesh, or fanout), plus, for our own batches, every other gossipsub peer on
+        the topic (see FLOOD_PUBLISH_MIN_BYTES)."""
+        peers = set(super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id))
+        if msg_id is None or msg_id not in self._flood or self.pubsub is None:
+            return peers
+        extra = {p for topic in topic_ids for p in self.pubsub.peer_topics.get(topic, ())
+                 if p in self.peer_protocol and self.peer_protocol[p] in MESHSUB_PROTOCOLS} - peers - {origin}
+        self.flood_extra += len(extra)
+        return peers | extra
 
     async def _emit_idontwant_for_message(self, msg_id: bytes, topic_ids: Any) -> None:
         if msg_id in self._small:  # see IDONTWANT_MIN_BYTES

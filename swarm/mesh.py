@@ -38,6 +38,7 @@ from .liveness import Liveness, hear_inbound_pings
 from .maintenance import MaintenanceMixin
 from .mesh_records import MeshConfig, MeshCounters, Received, topic_for
 from .publish import PublishingMixin
+from .receipts import Receipts
 from .receive import ReceivingMixin
 from .shards import epoch_of, home_shard, lobby_topic, shard_topic, subscribed_shards
 from .subscriptions import SHARD_MIN_PEERS, ShardSubscriptionsMixin
@@ -84,6 +85,7 @@ class Mesh(PublishingMixin, HelloMixin, ShardSubscriptionsMixin, ReceivingMixin,
         self._peers_cache: list[str] = []
         self._trio_thread: int | None = None
         self._stalls = StalledLinks(config.pubsub_stall_s)
+        self._receipts = Receipts(config.receipts)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
@@ -136,6 +138,7 @@ class Mesh(PublishingMixin, HelloMixin, ShardSubscriptionsMixin, ReceivingMixin,
         finally:
             self._nursery = None
             self._send.close()  # consumers see EndOfChannel once drained
+            self._receipts.close()
 
     # ---- public API -----------------------------------------------------------------------------------------
 
@@ -180,10 +183,11 @@ class Mesh(PublishingMixin, HelloMixin, ShardSubscriptionsMixin, ReceivingMixin,
             n = 0
             items = list(rollouts)
             for i in range(0, len(items), MAX_ROLLOUTS):
-                for data in self._seal_split(round, model, items[i:i + MAX_ROLLOUTS]):
+                for batch, data in self._seal_split(round, model, items[i:i + MAX_ROLLOUTS]):
                     await self._publish(data)
                     with self._lock:
                         self._c.published += 1
+                    self._receipts.write("pub", seq=batch.seq, created_at=batch.created_at, shard=self.home_shard)
                     n += 1
             return n
 
@@ -231,6 +235,8 @@ class Mesh(PublishingMixin, HelloMixin, ShardSubscriptionsMixin, ReceivingMixin,
                 "gossip_refused": self._gossip_refused(),
                 # control RPCs our router sent (GRAFT/PRUNE/IHAVE/IWANT/IDONTWANT), and IHAVE/IDONTWANT entries in them
                 "control_sent": dict(getattr(getattr(self._pubsub, "router", None), "control_sent", {})),
+                # sends of our own batches to topic peers outside the mesh (swarm.host FLOOD_PUBLISH_MIN_BYTES)
+                "flood_extra": getattr(getattr(self._pubsub, "router", None), "flood_extra", 0),
                 "rejections_by_reason": {r: self.validator.counts.get(r, 0) for r in REASONS},
                 "rejected_before_signature": self.validator.prechecked,
                 "relay_charged": self.standing.relay_charged,

@@ -58,6 +58,7 @@ class MeshConfig:
     ping_max_misses: int = 3
     redial_after_s: float = 30.0  # discovery redials a lost peer it has heard from at most this often
     pubsub_stall_s: float = PUBSUB_STALL_S  # connected this long without a working pubsub link -> disconnect (0: off)
+    receipts: str = ""  # a file to append a line per batch published / accepted to (swarm.receipts; "" = off)
 
     def rate(self) -> RateLimit:
         return RateLimit(self.rate_msgs_per_s, self.rate_msgs_burst, self.rate_bytes_per_s, self.rate_bytes_burst,

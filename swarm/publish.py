@@ -45,13 +45,13 @@ class PublishingMixin:
         self._seq = max(self._seq + 1, time.time_ns() // 1000)
         return self._seq
 
-    def _seal_split(self, round: int, model: str, items: list[Rollout]) -> list[bytes]:
+    def _seal_split(self, round: int, model: str, items: list[Rollout]) -> list[tuple[RolloutBatch, bytes]]:
         if not items:
             return []
         batch = RolloutBatch(sender=self.peer_id, swarm=self.config.swarm, version=PROTOCOL_VERSION, round=round,
                              created_at=time.time(), seq=self._next_seq(), model=model, rollouts=tuple(items))
         try:
-            return [seal(batch, self.identity)]
+            return [(batch, seal(batch, self.identity))]
         except ProtocolError as e:
             if e.reason != "size":
                 raise

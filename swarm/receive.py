@@ -21,6 +21,7 @@ from protocol.messages import Hello, Message, RolloutBatch
 from .discovery import Discovery
 from .host import peer_id_str
 from .mesh_records import MeshConfig, MeshCounters, Received
+from .receipts import Receipts
 from .validator import MessageValidator, PeerStanding, Rejected
 
 log = logging.getLogger("swarm.mesh")  # one log name for the whole mesh, as before it was split into modules
@@ -35,6 +36,7 @@ class ReceivingMixin:
     _discovery: Discovery | None
     _lock: threading.Lock
     _c: MeshCounters
+    _receipts: Receipts
 
     def _init_receiving(self, identity: Identity) -> None:
         self._stash: OrderedDict[bytes, tuple[Message, int, str]] = OrderedDict()  # libp2p msg id -> validated message
@@ -107,6 +109,7 @@ class ReceivingMixin:
             self._c.bytes_in += size
             self._c.latency_ms.append((now - decoded.created_at) * 1000.0)
             del self._c.latency_ms[:-1000]
+        self._receipts.write("acc", sender=decoded.sender, seq=decoded.seq, created_at=decoded.created_at, via=via)
         try:
             self._send.send_nowait(Received(decoded, decoded.sender, now, size, via))
         except trio.WouldBlock:

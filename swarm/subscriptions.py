@@ -17,6 +17,7 @@ from protocol.messages import PROTOCOL_VERSION
 
 from .discovery import Discovery
 from .mesh_records import MeshConfig
+from .receipts import Receipts
 from .shards import epoch_of, shard_topic, subscribed_shards
 
 log = logging.getLogger("swarm.mesh")  # one log name for the whole mesh, as before it was split into modules
@@ -34,6 +35,7 @@ class ShardSubscriptionsMixin:
     _discovery: Discovery | None
     _nursery: trio.Nursery | None
     _round: int
+    _receipts: Receipts
 
     def _init_subscriptions(self) -> None:
         self._subscribed: tuple[str, ...] = ()  # topics we listen to now (run / _shard_loop)
@@ -61,6 +63,8 @@ class ShardSubscriptionsMixin:
         for topic in old:
             if topic not in wanted:
                 await self._pubsub.unsubscribe(topic)
+        if old != wanted:
+            self._receipts.write("listen", shards=list(self._listening_shards()))
         if old and old != wanted:
             log.info("epoch %d: listening to shards %s of %d", self._shard_epoch, self._listening_shards(), cfg.shards)
 

@@ -43,11 +43,12 @@ class JoinProc:
             *[x for b in bootstrap for x in ("--bootstrap", b)], *extra,
         ]
 
-    def start(self, swarm: str, bootstrap: list[str] = (), extra: list[str] = ()) -> "JoinProc":
+    def start(self, swarm: str, bootstrap: list[str] = (), extra: list[str] = (),
+              env: dict[str, str] | None = None) -> "JoinProc":
         self.args = self.command(swarm, list(bootstrap), list(extra))
         out = open(self.dir / "stdout.log", "a")
         self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         return self
 
     def status(self) -> dict | None:

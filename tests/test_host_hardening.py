@@ -315,6 +315,39 @@ async def test_no_ihave_gossip_for_messages_under_a_kib() -> None:
         n.cancel_scope.cancel()
 
 
+# ---- own batches: to every peer on the topic, not only the mesh --------------------------------------------------------
+
+async def test_an_own_batch_reaches_a_topic_peer_outside_a_torn_mesh(monkeypatch) -> None:
+    """0.8.1 publishes a node's own message to the topic's mesh only: a batch published while the mesh was torn
+    (32 processes on 2 cores rebuild meshes all the time, docs/scale.md) reached nobody. Here a's mesh loses b just
+    before a publishes, and no heartbeat may repair it (no re-graft, no IHAVE): b still gets the batch, straight
+    from a. A Hello, which repeats, still keeps to the mesh."""
+    async with trio.open_nursery() as n:
+        a = await start(n)
+        b = await start(n, a)
+        router = a._pubsub.router
+        b_id = ID.from_base58(b.peer_id)
+        await wait_until(lambda: b_id in router.mesh.get(a.topic, ()), timeout=30)
+        got: list[Received] = []
+
+        async def drain() -> None:
+            async for rec in b.incoming:
+                got.append(rec)
+        n.start_soon(drain)
+        monkeypatch.setattr(router, "mesh_heartbeat", lambda: ({}, {}))  # the torn mesh stays torn
+        monkeypatch.setattr(router, "gossip_heartbeat", lambda: {})  # and gossip cannot repair it
+        router.mesh[a.topic].discard(b_id)
+        hellos = b.stats()["accepted_hellos"]
+        await a._publish_hello()
+        assert await a.publish_rollouts(1, "m", dummy_rollouts(2, text="y" * 1500)) == 1
+        await wait_until(lambda: len(got) == 1, timeout=10)
+        assert got[0].from_peer == a.peer_id and got[0].via == a.peer_id
+        assert router.flood_extra == 1 and a.stats()["flood_extra"] == 1
+        await trio.sleep(1.5)
+        assert b.stats()["accepted_hellos"] == hellos  # a's Hellos: mesh only, and b is outside it
+        n.cancel_scope.cancel()
+
+
 # ---- idle cost: the sender's signed record, verified once per peer ---------------------------------------------------
 
 async def test_a_peers_unchanged_signed_record_is_verified_once_not_twice_per_rpc(monkeypatch) -> None:
