@@ -26,8 +26,9 @@ Exact delivery: every process started here writes a receipts ledger (swarm.recei
 it published and each it accepted, by (sender, seq), and its fan-in shards over time. Below the table one line per
 run gives delivery counted batch by batch (analyze_receipts): a batch is expected at every trainer (and, apart, every
 relay) that listened to its sender's home shard from its publish until --drain-s later and was still running then;
-"by every receiver" counts batches lost where they started. It has no window edges to estimate, so it is the figure
-to quote; the table's delivery column is the older estimate from counters.
+"by every receiver" counts batches lost where they started. It is given twice: from the moment every trainer had its
+first peer, and from --settle-s later (meshes form over the heartbeats after a first connection). It has no window
+edges to estimate, so it is the figure to quote; the table's delivery column is the older estimate from counters.
 
 Columns (DIR/bench.json has these and per-node / per-pair detail; warnings go to stderr and into "problems"):
 
@@ -315,11 +316,11 @@ def _read_receipts(p: JoinProc) -> list[dict]:
 # ---- analysis ----------------------------------------------------------------------------------------------------
 
 
-def analyze_receipts(run: dict, drain_s: float) -> dict[str, Any] | None:
+def analyze_receipts(run: dict, drain_s: float, settle_s: float = 0.0) -> dict[str, Any] | None:
     """Exact delivery, batch by batch, from every process's receipts (swarm.receipts).
 
-    A trainer's batch (sender j, seq) is expected at receiver i when it was published after every trainer had joined
-    and after i had, i listened to j's home shard from the publish time until drain_s after it (its `listen`
+    A trainer's batch (sender j, seq) is expected at receiver i when it was published settle_s or more after every
+    trainer had joined (its first status with a peer: meshes form over the next heartbeats) and after i had, i listened to j's home shard from the publish time until drain_s after it (its `listen`
     lines), and i was still running drain_s after it (its last readable status); delivered when i's ledger has
     (j, seq) at any time. A batch published closer than drain_s to i's end is left out ("edge") and counted. Relays
     are receivers too (reported apart: they forward to trainers). Also: batches that reached none of the receivers
@@ -338,7 +339,7 @@ def analyze_receipts(run: dict, drain_s: float) -> dict[str, Any] | None:
             end_t[p["name"]] = ss[-1]["t"]
     if any(nd["name"] not in joined_t for nd in nodes):
         return None
-    start = max(joined_t[nd["name"]] for nd in nodes)
+    start = max(joined_t[nd["name"]] for nd in nodes) + settle_s
     pubs = [(nd["peer_id"], nd["name"], x) for nd in nodes for x in nd.get("receipts", []) if x["ev"] == "pub"]
 
     def receiver(p: dict) -> dict[str, Any]:
@@ -384,7 +385,7 @@ def analyze_receipts(run: dict, drain_s: float) -> dict[str, Any] | None:
                                      "missing": r["missing"]} for k, r in rows.items()}}
 
     tr = {p["name"]: receiver(p) for p in nodes}
-    out = {"drain_s": drain_s, "trainers": total(tr)}
+    out = {"drain_s": drain_s, "settle_s": settle_s, "trainers": total(tr)}
     if relays:
         out["relays"] = total({p["name"]: receiver(p) for p in relays})
         out["relays"].pop("per_receiver")
@@ -690,6 +691,7 @@ def bench(n: int, args: argparse.Namespace) -> dict[str, Any]:
             problems.append(f"{name} run timed out after {args.timeout}s")
     share = analyze_share(runs["share"])
     exact = analyze_receipts(runs["share"], args.drain_s)
+    settled = analyze_receipts(runs["share"], args.drain_s, args.settle_s) if args.settle_s > 0 else None
     cpu = analyze_cpu(runs["share"], runs.get("base"))
     if "base" in runs:
         base_walls = [m["wall_s"] for nd in runs["base"]["nodes"] for m in nd["metrics"]]
@@ -707,7 +709,7 @@ def bench(n: int, args: argparse.Namespace) -> dict[str, Any]:
     for rp in runs["share"].get("relays", []):
         if rp["rc"] != 0:
             problems.append(f"share/{rp['name']} exited rc={rp['rc']}: {rp['log_tail'][-400:]}")
-    return {"n": n, "rounds": rounds, "share": share, "exact": exact, "cpu": cpu, "problems": problems, "relays": relays,
+    return {"n": n, "rounds": rounds, "share": share, "exact": exact, "exact_settled": settled, "cpu": cpu, "problems": problems, "relays": relays,
             "elapsed_s": {k: v["elapsed_s"] for k, v in runs.items()},
             "swarms": {k: v["swarm"] for k, v in runs.items()}, "out": str(out)}
 
@@ -730,6 +732,9 @@ def main() -> int:
     ap.add_argument("--drain-s", type=float, default=30.0,
                     help="exact delivery (receipts): a batch counts as expected at a receiver still running this long "
                          "after it was published (default 30)")
+    ap.add_argument("--settle-s", type=float, default=10.0,
+                    help="exact delivery is also given for batches published this long after every trainer joined "
+                         "(its first peer; meshes form over the following heartbeats), 0 = no second figure (default 10)")
     ap.add_argument("--relays", type=int, default=0,
                     help="also run this many `swarm-node relay` processes (relay 0 is everyone's bootstrap); "
                          "--nodes counts the training nodes; --extra flags a relay takes (--shards=...) reach them too")
@@ -754,10 +759,12 @@ def main() -> int:
             x = r["relays"]
             print(f"N={r['n']} + {x['count']} relays: {x['rss_mb_mean']} MB resident each (max {x['rss_mb_max']}), "
                   f"{x['cpu_pct_mean']} % of a core each (max {x['cpu_pct_max']}), {x['in_kb_per_s_mean']} KB/s in each")
-    for r in results:
-        for who, e in (("trainers", (r.get("exact") or {}).get("trainers")), ("relays", (r.get("exact") or {}).get("relays"))):
+    for r, key in ((r, key) for r in results for key in ("exact", "exact_settled")):
+        x = r.get(key) or {}
+        for who, e in (("trainers", x.get("trainers")), ("relays", x.get("relays"))):
             if e:
-                print(f"N={r['n']} exact delivery to {who} (receipts, drain {r['exact']['drain_s']:.0f} s): "
+                print(f"N={r['n']} exact delivery to {who} (receipts, drain {x['drain_s']:.0f} s, from "
+                      f"{x['settle_s']:.0f} s after all joined): "
                       f"{_f(e['delivery'], 4)} ({e['delivered']} of {e['expected']}; {e['edge']} left out at the edges), "
                       f"latency p50 {_f(e['lat_p50_ms'], 0)} / p90 {_f(e['lat_p90_ms'], 0)} / max {_f(e['lat_max_ms'], 0)} ms"
                       + (f"; batches missed: {e['batches_missed']}, by every receiver: {e['batches_missed_by_all']}"

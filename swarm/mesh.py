@@ -180,6 +180,7 @@ class Mesh(PublishingMixin, HelloMixin, ShardSubscriptionsMixin, ReceivingMixin,
             raise RuntimeError("Mesh.run() is not running")
         self.set_status(round, model)
         async with self._publish_lock:  # keeps seq order == publish order
+            await self._until_topic_has_peers()
             n = 0
             items = list(rollouts)
             for i in range(0, len(items), MAX_ROLLOUTS):
@@ -190,6 +191,17 @@ class Mesh(PublishingMixin, HelloMixin, ShardSubscriptionsMixin, ReceivingMixin,
                     self._receipts.write("pub", seq=batch.seq, created_at=batch.created_at, shard=self.home_shard)
                     n += 1
             return n
+
+    async def _until_topic_has_peers(self) -> None:
+        """Waits (up to publish_wait_s) while we are connected but nobody connected listens to our home topic. In the
+        seconds after joining, discovery is still dialing the home shard's members; a batch published then reached
+        nobody at all (32 processes: every batch lost was one such first batch, docs/scale.md). A node with no
+        connection at all does not wait: there is no one to wait for."""
+        ps = self._pubsub
+        deadline = trio.current_time() + self.config.publish_wait_s
+        while (trio.current_time() < deadline and self._host.get_connected_peers()
+               and not any(p in ps.peers for p in ps.peer_topics.get(self.topic, ()))):
+            await trio.sleep(0.1)
 
     def _outbound_dropped(self) -> dict[str, int]:
         queues = getattr(self._pubsub, "peer_queues", None)

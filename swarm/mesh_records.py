@@ -58,6 +58,9 @@ class MeshConfig:
     ping_max_misses: int = 3
     redial_after_s: float = 30.0  # discovery redials a lost peer it has heard from at most this often
     pubsub_stall_s: float = PUBSUB_STALL_S  # connected this long without a working pubsub link -> disconnect (0: off)
+    # a batch waits at most this long for a peer on its topic when we are connected but to nobody on it yet
+    # (just joined: discovery is still dialing our home shard), instead of being published into nothing
+    publish_wait_s: float = 20.0
     receipts: str = ""  # a file to append a line per batch published / accepted to (swarm.receipts; "" = off)
 
     def rate(self) -> RateLimit:

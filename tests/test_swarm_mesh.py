@@ -536,3 +536,44 @@ async def test_a_batch_off_its_senders_home_shard_or_on_the_lobby_is_rejected_an
                 await pub.pubsub.publish(topics[1], seal(make_batch(ident, SWARM, round=10 + r), ident))
             await wait_until(lambda: ident.peer_id in b.stats()["banned"])
         n.cancel_scope.cancel()
+
+
+async def test_a_first_batch_waits_for_a_peer_on_its_home_shard() -> None:
+    """A node connected to the swarm but to nobody on its home shard (it just joined: discovery is still dialing the
+    shard's members) published its batch into nothing: in the 32-process bench every lost batch was such a first
+    batch, reaching no trainer and no relay (docs/scale.md). Now the batch waits (MeshConfig.publish_wait_s) until a
+    peer on its home shard is connected, which then gets it; a node with no connection at all does not wait."""
+    from swarm.shards import home_shard
+
+    def on_shard(shard: int) -> Identity:
+        while True:
+            ident = Identity.generate()
+            if home_shard(ident.peer_id, 2) == shard:
+                return ident
+
+    async def start_as(nursery: trio.Nursery, ident: Identity, *bootstrap: Mesh) -> Mesh:
+        cfg = MeshConfig(swarm=SWARM, listen=LOOP, bootstrap=tuple(m.listen_addrs()[0] for m in bootstrap),
+                         heartbeat_s=0.5, hello_interval_s=1.0, bootstrap_backoff_max_s=2.0,
+                         shards=2, shard_fanin=1)  # each listens to its home shard and the lobby only
+        mesh = Mesh(ident, cfg)
+        await nursery.start(mesh.run)
+        return mesh
+
+    async with trio.open_nursery() as n:
+        a = await start_as(n, on_shard(0))
+        with trio.fail_after(2):  # alone: nobody to wait for
+            assert await a.publish_rollouts(1, "m", dummy_rollouts(1)) == 1
+        b = await start_as(n, on_shard(1), a)
+        await wait_until(lambda: b.peer_id in a.peers())  # a lobby peer; nobody on shard 0
+        done: list[int] = []
+
+        async def publish() -> None:
+            done.append(await a.publish_rollouts(2, "m", dummy_rollouts(1)))
+        n.start_soon(publish)
+        await trio.sleep(4.0)  # past the gossip window (3 heartbeats): published now, the batch would be gone
+        assert done == []
+        c = await start_as(n, on_shard(0), b)  # through b; finds a by a's lobby Hellos and dials it
+        got = await collect(c, 1, timeout=20)
+        assert [(r.from_peer, r.batch.round) for r in got] == [(a.peer_id, 2)]
+        assert done == [1]
+        n.cancel_scope.cancel()
