@@ -101,7 +101,6 @@ RECORD_RECHECK_S = 600.0  # a peer's unchanged signed record is verified again a
 RECORD_CACHE_PEERS = 4096  # per host: peers whose last verified record is remembered (oldest forgotten first)
 PUBSUB_STALL_S = 10.0  # a connected peer this long without a pubsub stream or subscriptions is a broken link
 STALL_MIN_CHECKS = 10  # ... and seen so in this many maintenance checks (one per heartbeat): see StalledLinks
-NEW_LINK_STALL_FACTOR = 3.0  # a link that has not yet worked gets this many times the grace (py-libp2p retries its stream)
 
 
 def validation_cache_ttl_for(seen_ttl_s: int) -> int:
@@ -512,42 +511,26 @@ class StalledLinks:
     not seen (178 closes by trainers in the first minute of one run). A loop that runs late now makes fewer checks
     and so waits longer; a link broken for good still goes after ~grace_s (30 s was tried: longer-lived broken links
     lost more batches).
-
-    A link that has never worked yet gets new_grace_s (3 x grace_s) instead: item 11's break happens to a working link,
-    while a new one on a loaded machine is often just slow. With 32 processes on 2 cores a trainer that had just
-    started closed 23 of its new links at 10 s and got them back by redialing 5-20 s later (docs/scale.md); pubsub
-    keeps retrying a stream it failed to open while the connection stays up, so closing it only starts over.
     """
 
-    def __init__(self, grace_s: float = PUBSUB_STALL_S, min_checks: int = STALL_MIN_CHECKS,
-                 new_grace_s: float | None = None) -> None:
+    def __init__(self, grace_s: float = PUBSUB_STALL_S, min_checks: int = STALL_MIN_CHECKS) -> None:
         self.grace_s = grace_s
         self.min_checks = min_checks
-        self.new_grace_s = NEW_LINK_STALL_FACTOR * grace_s if new_grace_s is None else new_grace_s
         self._since: dict[ID, tuple[float, int]] = {}  # peer -> (first seen stalled, trio time; checks it was since)
-        self._worked: set[ID] = set()  # connected peers whose link has been seen working
-
-    def worked(self, pid: ID) -> bool:
-        """Whether this peer's link has been seen working while connected (it then gets grace_s, not new_grace_s)."""
-        return pid in self._worked
 
     def check(self, host: IHost, pubsub: Pubsub, now: float, skip: Callable[[ID], bool] = lambda _: False) -> list[ID]:
         connected = set(host.get_connected_peers())
         for pid in [p for p in self._since if p not in connected]:
             del self._since[pid]
-        self._worked &= connected
         out: list[ID] = []
         for pid in connected:
             ok = pid in pubsub.peers and any(pid in peers for peers in pubsub.peer_topics.values())
-            if ok:
-                self._worked.add(pid)
             if ok or skip(pid):
                 self._since.pop(pid, None)
                 continue
             since, checks = self._since.get(pid, (now, 0))
             checks += 1
-            grace = self.grace_s if pid in self._worked else self.new_grace_s
-            if now - since >= grace and checks >= self.min_checks:
+            if now - since >= self.grace_s and checks >= self.min_checks:
                 del self._since[pid]
                 out.append(pid)
             else:

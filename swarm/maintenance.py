@@ -57,8 +57,8 @@ class MaintenanceMixin:
                 return self.standing.is_banned(pid.to_base58())
 
         for pid in self._stalls.check(self._host, self._pubsub, trio.current_time(), banned):
-            log.warning("pubsub link to %s is dead (no stream or subscriptions for %.0f s%s): reconnecting", pid,
-                        self.config.pubsub_stall_s, "" if self._stalls.worked(pid) else " x 3: it never came up")
+            log.warning("pubsub link to %s is dead (no stream or subscriptions for %.0f s): reconnecting", pid,
+                        self.config.pubsub_stall_s)
             with self._lock:
                 self._c.stalled_links += 1
             self._nursery.start_soon(drop_dead_peer, self._host, pid)
