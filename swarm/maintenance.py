@@ -57,8 +57,18 @@ class MaintenanceMixin:
                 return self.standing.is_banned(pid.to_base58())
 
         for pid in self._stalls.check(self._host, self._pubsub, trio.current_time(), banned):
-            log.warning("pubsub link to %s is dead (no stream or subscriptions for %.0f s): reconnecting", pid,
-                        self.config.pubsub_stall_s)
+            # which half was missing, and over how many connections: the cause of links that never come up on a loaded
+            # machine is not known yet (docs/scale.md); these say where to look
+            stream = pid in self._pubsub.peers
+            subs = any(pid in peers for peers in self._pubsub.peer_topics.values())
+            why = "no_subscriptions" if stream else ("no_stream" if subs else "neither")
+            try:
+                conns = len(self._host.get_network().get_connections(pid))
+            except Exception:
+                conns = -1
+            log.warning("pubsub link to %s is dead (%s for %.0f s, %d connection(s)): reconnecting", pid,
+                        why.replace("_", " "), self.config.pubsub_stall_s, conns)
             with self._lock:
                 self._c.stalled_links += 1
+                self._c.stalled_why[why] = self._c.stalled_why.get(why, 0) + 1
             self._nursery.start_soon(drop_dead_peer, self._host, pid)

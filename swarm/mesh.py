@@ -242,6 +242,7 @@ class Mesh(PublishingMixin, HelloMixin, ShardSubscriptionsMixin, ReceivingMixin,
                 "duplicates": c.duplicates,
                 "bad_frames": c.bad_frames,
                 "stalled_links": c.stalled_links,
+                "stalled_why": dict(c.stalled_why),
                 # outbound RPCs a full per-peer queue refused (a link slower than what we send it), and the messages in them
                 "outbound_dropped": self._outbound_dropped(),
                 "gossip_refused": self._gossip_refused(),

@@ -90,6 +90,7 @@ class MeshCounters:
     oversize_dropped: int = 0  # our own rollouts too big for one message even alone
     bad_frames: int = 0  # peers that sent input that broke py-libp2p itself (banned at once)
     stalled_links: int = 0  # connections closed because their pubsub link was dead (swarm.host.StalledLinks)
+    stalled_why: dict[str, int] = field(default_factory=dict)  # of those: no_stream / no_subscriptions / neither
     duplicates: int = 0
     bans: int = 0
     latency_ms: list[float] = field(default_factory=list)  # created_at -> received_at of recent batches

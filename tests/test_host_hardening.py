@@ -228,6 +228,8 @@ async def test_oversized_frame_does_not_cut_the_link_for_good() -> None:
         assert recovered is not None
         assert got[0].from_peer == a.peer_id
         assert a.stats()["stalled_links"] + b.stats()["stalled_links"] >= 1
+        for m in (a, b):  # every close says which half of the link was missing
+            assert sum(m.stats()["stalled_why"].values()) == m.stats()["stalled_links"]
         n.cancel_scope.cancel()
 
 
