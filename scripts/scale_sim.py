@@ -25,7 +25,8 @@ topics       One topic (today), or S shard topics + a lobby (swarm/shards.py): a
              to its home shard, listens to its home shard + fanin - 1 rotating ones, and everyone listens to the lobby.
 mesh         Per topic, among connected subscribers: each node GRAFTs random topic peers up to D = 6; a peer accepts
              while its mesh is below D_high = 12 (build_router).
-delivery     A message floods its topic's mesh: the publisher sends to its mesh peers, every node forwards the first
+delivery     A message floods its topic's mesh: the publisher sends a batch to every connected peer on the topic (flood
+             publish, swarm.host FLOOD_PUBLISH_MIN_BYTES) and a Hello to its mesh peers, every node forwards the first
              copy to its mesh peers except the one it came from and the publisher. Every copy a node receives counts
              (bytes); the first is validated (CPU), later ones are duplicates. IDONTWANT (gossipsub 1.2) can stop some
              duplicates of large messages in flight, so duplicate counts are an upper bound.
@@ -201,15 +202,16 @@ def build_mesh(members: list[int], adj: list[set[int]], rng: random.Random) -> d
     return mesh
 
 
-def flood(mesh: dict[int, set[int]], origin: int) -> tuple[set[int], dict[int, int]]:
-    """Who got the message, and how many copies each received (first + duplicates)."""
+def flood(mesh: dict[int, set[int]], origin: int, first_hop: set[int] | None = None) -> tuple[set[int], dict[int, int]]:
+    """Who got the message, and how many copies each received (first + duplicates). first_hop: whom the origin
+    sends to (its own batches go to every topic peer, swarm.host FLOOD_PUBLISH_MIN_BYTES; default its mesh)."""
     copies: dict[int, int] = {}
     first_from = {origin: origin}
     frontier = [origin]
     while frontier:
         nxt = []
         for u in frontier:
-            for v in mesh[u]:
+            for v in (first_hop if u == origin and first_hop is not None else mesh[u]):
                 if v == first_from[u] or v == origin:
                     continue
                 copies[v] = copies.get(v, 0) + 1
@@ -223,7 +225,8 @@ def flood(mesh: dict[int, set[int]], origin: int) -> tuple[set[int], dict[int, i
 @dataclass
 class TopicLoad:
     first: dict[int, float]  # per member: new messages per publication of every publisher (once each)
-    copies: dict[int, float]  # per member: copies received
+    copies: dict[int, float]  # per member: copies received of a batch (its publisher sends it to every topic peer)
+    hello_copies: dict[int, float]  # per member: copies received of a Hello (mesh only)
     ihave_ids: dict[int, float]  # per member: message IDs announced to it, per message per publisher
     reach: float
 
@@ -233,20 +236,23 @@ def topic_load(members: list[int], publishers: list[int], adj: list[set[int]], r
     """Per-member load when every publisher publishes one message on this topic (sampled publishers, scaled)."""
     first = {u: 0.0 for u in members}
     copies = dict(first)
+    hello_copies = dict(first)
     ihave = dict(first)
     if not members or not publishers:
-        return TopicLoad(first, copies, ihave, 1.0)
+        return TopicLoad(first, copies, hello_copies, ihave, 1.0)
     mesh = build_mesh(members, adj, rng)
     subs = set(members)
     src = publishers if len(publishers) <= max_sources else rng.sample(publishers, max_sources)
     scale = len(publishers) / len(src)
     reached = expected = 0
     for p in src:
-        got, c = flood(mesh, p) if p in mesh else (set(), {})
+        got, c = flood(mesh, p, {v for v in adj[p] if v in subs}) if p in mesh else (set(), {})
         for v in got:
             first[v] += scale
         for v, k in c.items():
             copies[v] += k * scale
+        for v, k in (flood(mesh, p)[1] if p in mesh else {}).items():
+            hello_copies[v] += k * scale
         reached += len(got & subs)
         expected += len(subs - {p})
     # IHAVE: each node announces every message it has (all reached members, ~all) 3 times to its gossip targets
@@ -257,7 +263,7 @@ def topic_load(members: list[int], publishers: list[int], adj: list[set[int]], r
         g = min(len(non_mesh), max(6, int(0.25 * len(non_mesh))))  # _get_adaptive_gossip_peers_count, adaptive off
         for v in non_mesh:
             ihave[v] += GOSSIP_WINDOW * g / len(non_mesh) * len(publishers)
-    return TopicLoad(first, copies, ihave, reached / expected if expected else 1.0)
+    return TopicLoad(first, copies, hello_copies, ihave, reached / expected if expected else 1.0)
 
 
 # ---- sampling (real pool) ----------------------------------------------------------------------------------------
@@ -329,12 +335,13 @@ def simulate(n: int, shards: int, fanin: int, args: argparse.Namespace, seed: in
             reach.append((load.reach, len(load.first)))
             bytes_per = batches * msg_b + hellos * args.hello_bytes
             for v, first in load.first.items():
-                copies, ids = load.copies[v], load.ihave_ids[v]
-                acc["kb"][v] += (copies * bytes_per + ids * batches * MSG_ID_BYTES) / 1024 / epochs
+                copies, hcopies, ids = load.copies[v], load.hello_copies[v], load.ihave_ids[v]
+                acc["kb"][v] += (copies * batches * msg_b + hcopies * hellos * args.hello_bytes
+                                 + ids * batches * MSG_ID_BYTES) / 1024 / epochs
                 acc["kb_new"][v] += first * bytes_per / 1024 / epochs
                 acc["msgs"][v] += first * (batches + hellos) / epochs
                 acc["batches"][v] += first * batches / epochs
-                acc["dups"][v] += (copies - first) * (batches + hellos) / epochs
+                acc["dups"][v] += ((copies - first) * batches + (hcopies - first) * hellos) / epochs
                 acc["ihave"][v] += ids * batches * MSG_ID_BYTES / 1024 / epochs
         # the observer's pool: batches from the publishers of the shards it listens to this epoch
         heard = [u for s in subs[0] for u in by_home[s] if u != 0]
