@@ -55,11 +55,11 @@ Every non-default here fixes a measured problem (see shared/notes/libp2p-0.8.md,
   reach half the window; install_yamux_window_batching() restores that, so small RPCs cost no frame back and a large
   message still gets its credit every half window.
 - own messages only to the mesh: 0.8.1 has no flood publishing, so a batch we publish goes to the peers of the
-  topic's mesh at that moment and to nobody else. On a loaded machine meshes are torn and rebuilt all the time (32
-  processes on 2 cores, docs/scale.md): a batch published into an empty or dying mesh reached no one, and every
-  receiver missed it for good. go-libp2p floods a node's own messages to every peer on the topic (FloodPublish, on by
-  default); BoundedGossipSub does so for its own messages of at least FLOOD_PUBLISH_MIN_BYTES (batches; Hellos, which
-  repeat, keep to the mesh). Forwarded messages still go to the mesh only.
+  topic's mesh at that moment and to nobody else; published while the mesh is being torn or rebuilt (links closed and
+  redialed on a loaded machine, docs/scale.md), it reaches the few left, or no one, and the gossip window (3 s) may
+  pass before anyone asks for it. go-libp2p floods a node's own messages to every peer on the topic (FloodPublish, on
+  by default); BoundedGossipSub does so for its own messages of at least FLOOD_PUBLISH_MIN_BYTES (batches; Hellos,
+  which repeat, keep to the mesh). Forwarded messages still go to the mesh only.
 """
 from __future__ import annotations
 
@@ -303,7 +303,7 @@ class BoundedGossipSub(GossipSub):
         self.ihave_ids_skipped = 0  # message IDs under IHAVE_MIN_BYTES left out of IHAVE gossip
         self.control_sent: dict[str, int] = {"rpcs": 0, "ihave": 0, "idontwant": 0}  # what upkeep costs (status)
         self._flood: set[bytes] = set()  # IDs of our own messages being published to every peer on the topic
-        self.flood_extra = 0  # sends of our own messages to topic peers outside the mesh (status: control_sent)
+        self.flood_extra = 0  # sends of our own messages to topic peers outside the mesh (status: flood_extra)
 
     async def publish(self, msg_forwarder: ID, pubsub_msg: rpc_pb2.Message) -> None:
         size = len(pubsub_msg.data)
