@@ -99,6 +99,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from node.config import NodeConfig  # noqa: E402
+from node.simulate import read_metrics  # noqa: E402
 from protocol.messages import MAX_ROLLOUTS  # noqa: E402
 from swarm.receipts import RECEIPTS_ENV  # noqa: E402
 from swarm.shards import home_shard  # noqa: E402
@@ -300,17 +301,9 @@ def _receipts_env(p: JoinProc) -> dict[str, str]:
 
 
 def _read_receipts(p: JoinProc) -> list[dict]:
-    """The process's ledger (swarm.receipts): one dict per batch published / accepted and per fan-in change."""
-    path = p.dir / "receipts.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:  # a line cut by the process's end
-            pass
-    return out
+    """The process's ledger (swarm.receipts): one dict per batch published / accepted and per fan-in change (a line
+    cut by the process's end is skipped)."""
+    return read_metrics(p.dir / "receipts.jsonl")
 
 
 # ---- analysis ----------------------------------------------------------------------------------------------------
