@@ -74,6 +74,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
+from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerstore import env_to_send_in_RPC
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
@@ -101,6 +102,8 @@ RECORD_RECHECK_S = 600.0  # a peer's unchanged signed record is verified again a
 RECORD_CACHE_PEERS = 4096  # per host: peers whose last verified record is remembered (oldest forgotten first)
 PUBSUB_STALL_S = 10.0  # a connected peer this long without a pubsub stream or subscriptions is a broken link
 STALL_MIN_CHECKS = 10  # ... and seen so in this many maintenance checks (one per heartbeat): see StalledLinks
+NEW_LINK_STALL_FACTOR = 4.0  # a link that has not yet worked gets this many times the grace: its negotiations take 30 s
+STREAM_NEGOTIATION_S = 30.0  # py-libp2p's stream protocol negotiation timeouts (0.8.1: 10 s each way)
 
 
 def validation_cache_ttl_for(seen_ttl_s: int) -> int:
@@ -158,8 +161,11 @@ def build_host(identity: Identity, listen: Sequence[str], *, mdns: bool = False)
     mdns=True starts py-libp2p's zeroconf mDNS, which only fills the peerstore (Discovery dials from there)."""
     install_yamux_window_batching()
     kp = key_pair_for(identity)
+    # 10 s negotiations timed out on a loaded machine and the links never came up (docs/scale.md, runs D and F)
+    cc = ConnectionConfig(outbound_stream_protocol_negotiation_timeout=STREAM_NEGOTIATION_S,
+                          inbound_stream_protocol_negotiation_timeout=STREAM_NEGOTIATION_S)
     return new_host(key_pair=kp, sec_opt=noise_only(kp), listen_addrs=[multiaddr.Multiaddr(a) for a in listen],
-                    enable_mDNS=mdns)
+                    enable_mDNS=mdns, connection_config=cc)
 
 
 class _SizedQueues(dict):  # type: ignore[type-arg]
@@ -511,26 +517,43 @@ class StalledLinks:
     not seen (178 closes by trainers in the first minute of one run). A loop that runs late now makes fewer checks
     and so waits longer; a link broken for good still goes after ~grace_s (30 s was tried: longer-lived broken links
     lost more batches).
+
+    A link that has never worked yet gets new_grace_s (4 x grace_s) instead: item 11's break happens to a working link,
+    while a new one on a loaded machine is often just slow. With 32 processes on 2 cores a trainer that had just
+    started closed 23 of its new links at 10 s and got them back by redialing 5-20 s later (docs/scale.md). With
+    py-libp2p's 10 s negotiations a longer grace alone did not help (run D); with STREAM_NEGOTIATION_S on both ends
+    the links came up and dead-link closes fell from 370 to 7 a run (run F2).
     """
 
-    def __init__(self, grace_s: float = PUBSUB_STALL_S, min_checks: int = STALL_MIN_CHECKS) -> None:
+    def __init__(self, grace_s: float = PUBSUB_STALL_S, min_checks: int = STALL_MIN_CHECKS,
+                 new_grace_s: float | None = None) -> None:
         self.grace_s = grace_s
         self.min_checks = min_checks
+        self.new_grace_s = NEW_LINK_STALL_FACTOR * grace_s if new_grace_s is None else new_grace_s
         self._since: dict[ID, tuple[float, int]] = {}  # peer -> (first seen stalled, trio time; checks it was since)
+        self._worked: set[ID] = set()  # connected peers whose link has been seen working
+
+    def worked(self, pid: ID) -> bool:
+        """Whether this peer's link has been seen working while connected (it then gets grace_s, not new_grace_s)."""
+        return pid in self._worked
 
     def check(self, host: IHost, pubsub: Pubsub, now: float, skip: Callable[[ID], bool] = lambda _: False) -> list[ID]:
         connected = set(host.get_connected_peers())
         for pid in [p for p in self._since if p not in connected]:
             del self._since[pid]
+        self._worked &= connected
         out: list[ID] = []
         for pid in connected:
             ok = pid in pubsub.peers and any(pid in peers for peers in pubsub.peer_topics.values())
+            if ok:
+                self._worked.add(pid)
             if ok or skip(pid):
                 self._since.pop(pid, None)
                 continue
             since, checks = self._since.get(pid, (now, 0))
             checks += 1
-            if now - since >= self.grace_s and checks >= self.min_checks:
+            grace = self.grace_s if pid in self._worked else self.new_grace_s
+            if now - since >= grace and checks >= self.min_checks:
                 del self._since[pid]
                 out.append(pid)
             else:
