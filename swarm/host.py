@@ -544,7 +544,7 @@ class StalledLinks:
         self._worked &= connected
         out: list[ID] = []
         for pid in connected:
-            ok = pid in pubsub.peers and any(pid in peers for peers in pubsub.peer_topics.values())
+            ok = link_state(pubsub, pid) == "ok"
             if ok:
                 self._worked.add(pid)
             if ok or skip(pid):
@@ -559,6 +559,15 @@ class StalledLinks:
             else:
                 self._since[pid] = (since, checks)
         return out
+
+
+def link_state(pubsub: Pubsub, pid: ID) -> str:
+    """A connected peer's pubsub link: "ok", or which half is missing ("no_stream", "no_subscriptions", "neither")."""
+    stream = pid in pubsub.peers
+    subs = any(pid in peers for peers in pubsub.peer_topics.values())
+    if stream and subs:
+        return "ok"
+    return "no_subscriptions" if stream else ("no_stream" if subs else "neither")
 
 
 def peer_id_str(pid: ID | bytes) -> str:

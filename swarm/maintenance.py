@@ -12,7 +12,7 @@ from typing import Any
 import trio
 from libp2p.peer.id import ID
 
-from .host import StalledLinks, disconnect_quietly, drop_dead_peer
+from .host import StalledLinks, disconnect_quietly, drop_dead_peer, link_state
 from .mesh_records import MeshConfig, MeshCounters
 from .validator import PeerStanding
 
@@ -59,9 +59,7 @@ class MaintenanceMixin:
         for pid in self._stalls.check(self._host, self._pubsub, trio.current_time(), banned):
             # which half was missing, and over how many connections: the cause of links that never come up on a loaded
             # machine is not known yet (docs/scale.md); these say where to look
-            stream = pid in self._pubsub.peers
-            subs = any(pid in peers for peers in self._pubsub.peer_topics.values())
-            why = "no_subscriptions" if stream else ("no_stream" if subs else "neither")
+            why = link_state(self._pubsub, pid)
             try:
                 conns = len(self._host.get_network().get_connections(pid))
             except Exception:

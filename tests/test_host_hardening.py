@@ -513,3 +513,19 @@ def test_a_new_link_gets_longer_to_come_up_than_a_working_link_gets_to_recover()
     net = build_host(Identity.generate(), [LOOP]).get_network()
     assert net.connection_config.outbound_stream_protocol_negotiation_timeout == STREAM_NEGOTIATION_S == 30.0
     assert net.connection_config.inbound_stream_protocol_negotiation_timeout == STREAM_NEGOTIATION_S
+
+
+def test_a_dead_link_is_named_by_the_half_that_is_missing() -> None:
+    """The dead-link close log and status `stalled_why` name which half of the pubsub link was missing; StalledLinks
+    judges 'ok' by the same function, so the two cannot disagree."""
+    from swarm.host import link_state
+
+    pid = ID.from_base58("12D3KooWSDe1wthUQkYq9fxhwTLnmhT5DX1uiquHC4qJSMr5ifbh")
+
+    class Pubsub:
+        def __init__(self, stream: bool, subs: bool) -> None:
+            self.peers = {pid: object()} if stream else {}
+            self.peer_topics = {"a": set(), "b": {pid} if subs else set()}
+
+    assert [link_state(Pubsub(s, t), pid) for s, t in ((1, 1), (1, 0), (0, 1), (0, 0))] == \
+        ["ok", "no_subscriptions", "no_stream", "neither"]
