@@ -56,7 +56,8 @@ lat p50/p90   Publish->receive latency (receive wall clock - the batch's created
               batches; p50 = median over nodes of their p50, p90 = max over nodes of their p90 (worst node).
 in KB/node/rnd  Increase of mesh bytes_in (accepted rollout + Hello envelopes: payload after de-duplication, without
               libp2p framing, encryption or gossip control traffic) between the node's join and its last sample, / the
-              rounds it ran in that span; mean over nodes (bench.json also has the max).
+              rounds it ran in that span; mean over nodes (bench.json also has the max). The line below the table
+              splits off the Hellos' part (mesh bytes_in_hellos) and their count.
 cpu ms/msg    Network CPU per message, whole process (all threads, utime+stime), over each node's span from its first to
               its last readable status. Expected CPU without gossip, from the baseline run: main-thread CPU per second
               x span + worker CPU per round x rounds + worker training CPU per trained group x groups trained (a node
@@ -135,6 +136,9 @@ def _slim_status(s: dict | None) -> dict | None:
         "published": m.get("published", 0),
         "accepted": m.get("accepted", 0),
         "bytes_in": m.get("bytes_in", 0),
+        "bytes_in_hellos": m.get("bytes_in_hellos", 0),
+        "accepted_hellos": m.get("accepted_hellos", 0),
+        "published_hellos": m.get("published_hellos", 0),
         "bytes_out": m.get("bytes_out", 0),
         "lat_p50": m.get("latency_ms_p50"),
         "lat_p90": m.get("latency_ms_p90"),
@@ -505,6 +509,11 @@ def analyze_share(run: dict) -> dict[str, Any]:
                                               if _share_time(m) <= last["t"] - margin),
             "lat_p50": last["st"]["lat_p50"], "lat_p90": last["st"]["lat_p90"],
             "in_kb_per_round": round((last["st"]["bytes_in"] - j0["st"]["bytes_in"]) / 1024 / rounds, 2) if rounds else None,
+            # the Hellos' part of it (discovery's cost, which must stay flat as the swarm grows) and their count
+            "in_kb_hellos_per_round": round((last["st"]["bytes_in_hellos"] - j0["st"]["bytes_in_hellos"])
+                                            / 1024 / rounds, 2) if rounds and "bytes_in_hellos" in j0["st"] else None,
+            "hellos_in_per_round": round((last["st"]["accepted_hellos"] - j0["st"]["accepted_hellos"])
+                                         / rounds, 1) if rounds and "accepted_hellos" in j0["st"] else None,
             "max_peers": max(s["st"]["n_peers"] for s in _with_status(i)),
             "incoming_dropped": last["st"]["incoming_dropped"], "pool_duplicates": last["st"]["pool_duplicates"],
             "mesh_duplicates": last["st"]["duplicates"], "rejections": last["st"]["rejections"], "bans": last["st"].get("bans", 0),
@@ -532,6 +541,8 @@ def analyze_share(run: dict) -> dict[str, Any]:
         "lat_p90_ms": max(p90s) if p90s else None,
         "in_kb_per_node_round": round(statistics.mean(kbs), 2) if kbs else None,
         "in_kb_per_node_round_max": max(kbs) if kbs else None,
+        "in_kb_hellos_per_node_round": _mean_of(joined, "in_kb_hellos_per_round"),
+        "hellos_in_per_node_round": _mean_of(joined, "hellos_in_per_round"),
         "net_wait_share": (sum(m["net_wait_s"] for m in all_rows) / sum(m["wall_s"] for m in all_rows)) if all_rows else None,
         "mean_round_wall_s": statistics.mean(m["wall_s"] for m in all_rows) if all_rows else None,
         "nodes": per_node, "pairs": pairs,
@@ -637,6 +648,11 @@ def analyze_relays(run: dict) -> dict[str, Any] | None:
             "in_kb_per_s_mean": round(statistics.mean(k), 2) if (k := [x["in_kb_per_s"] for x in out
                                                                         if x["in_kb_per_s"] is not None]) else None,
             "relays": out}
+
+
+def _mean_of(rows: list[dict], key: str) -> float | None:
+    xs = [p[key] for p in rows if p.get(key) is not None]
+    return round(statistics.mean(xs), 2) if xs else None
 
 
 def row(r: dict) -> str:
@@ -746,6 +762,11 @@ def main() -> int:
             x = r["relays"]
             print(f"N={r['n']} + {x['count']} relays: {x['rss_mb_mean']} MB resident each (max {x['rss_mb_max']}), "
                   f"{x['cpu_pct_mean']} % of a core each (max {x['cpu_pct_max']}), {x['in_kb_per_s_mean']} KB/s in each")
+    for r in results:
+        a = r["share"]
+        if a.get("in_kb_hellos_per_node_round") is not None:
+            print(f"N={r['n']} inbound per trainer a round: {_f(a['in_kb_per_node_round'], 1)} KB, of it Hellos "
+                  f"{_f(a['in_kb_hellos_per_node_round'], 1)} KB ({_f(a['hellos_in_per_node_round'], 1)} Hellos)")
     for r, key in ((r, key) for r in results for key in ("exact", "exact_settled")):
         x = r.get(key) or {}
         for who, e in (("trainers", x.get("trainers")), ("relays", x.get("relays"))):

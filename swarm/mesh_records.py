@@ -85,6 +85,7 @@ class MeshCounters:
     published: int = 0
     published_hellos: int = 0
     bytes_in: int = 0
+    bytes_in_hellos: int = 0  # the Hellos' part of bytes_in
     bytes_out: int = 0
     incoming_dropped: int = 0  # Received dropped because the node did not drain `incoming`
     oversize_dropped: int = 0  # our own rollouts too big for one message even alone

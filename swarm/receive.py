@@ -100,6 +100,7 @@ class ReceivingMixin:
             with self._lock:
                 self._c.accepted_hellos += 1
                 self._c.bytes_in += size
+                self._c.bytes_in_hellos += size
             if self._discovery is not None:
                 self._discovery.on_hello(decoded, now, via=via)
             return

@@ -372,6 +372,8 @@ async def test_a_peers_unchanged_signed_record_is_verified_once_not_twice_per_rp
         hellos = a.stats()["accepted_hellos"]
         await wait_until(lambda: a.stats()["accepted_hellos"] >= hellos + 3, timeout=30)
         assert checks == [], len(checks)  # 3 Hellos from b (and its control RPCs), no signature check: cached
+        st = a.stats()  # only Hellos came in, and bytes_in_hellos (the bench's split of inbound) says so
+        assert 0 < st["bytes_in_hellos"] == st["bytes_in"]
         n.cancel_scope.cancel()
 
 
