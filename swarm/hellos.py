@@ -24,7 +24,10 @@ log = logging.getLogger("swarm.mesh")
 # A topic carries about this many Hellos per hello_interval_s, however many nodes are on it. Every Hello is forwarded
 # over every mesh link of its topic, so with a fixed interval each node's Hello traffic grew with the nodes on its
 # shards; it was most of an idle node's CPU (12 relays: ~25 RPCs/s each, docs/scale.md "What an idle node spends").
-HELLOS_PER_INTERVAL = 5
+# 2, not 5 (session 9): at 5 a node on 3 topics (home, one fan-in shard, lobby) took 1.5 Hellos/s once its shards had
+# 5 members, 29 a round at 32 processes (10.9 of 49 KB inbound), against 0.6/s with 2 members a shard at 8 processes;
+# with 2 the rate is that of 8 processes at any size, and a shard still hears a Hello every 5 s.
+HELLOS_PER_INTERVAL = 2
 FRESH_GAP = 0.5  # an early Hello for a new peer comes at least this fraction of an interval after the previous one
 
 
