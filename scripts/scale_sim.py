@@ -33,8 +33,9 @@ delivery     A message floods its topic's mesh: the publisher sends a batch to e
 gossip       Every heartbeat a node sends IHAVE with the IDs of its topic's batches from the last 3 heartbeats to
              max(6, 25 %) of its non-mesh topic peers: each batch ID is announced 3 times to each of them (48 bytes).
              Hellos (under swarm.host.IHAVE_MIN_BYTES) are not gossiped.
-hellos       Every node sends a Hello every 10 s (S = 1: on the one topic; sharded: on its home shard, and on the lobby
-             every 10 x S s).
+hellos       Every node sends a Hello every swarm.shards.hello_every(10 s, members of its home shard) (S = 1: on the
+             one topic; sharded: on its home shard, and S times less often on the lobby): a topic carries
+             HELLOS_PER_INTERVAL Hellos every 10 s at any size.
 sampling     One observer node (node 0) puts what it accepted in a round into a real ExperiencePool and takes 3 x J
              candidates (at most max_external_per_peer per sender), as node/round.py does; it trains on J of them.
 cpu          accepted messages x --msg-ms (whole-process CPU per gossip message measured by scripts/bench_swarm.py,
@@ -70,7 +71,7 @@ from protocol.identity import Identity  # noqa: E402
 from protocol.messages import PROTOCOL_VERSION, Rollout, RolloutBatch, TaskRef  # noqa: E402
 from swarm.peerbook import KnownPeer, PeerBook, capacity_for  # noqa: E402
 from swarm.pool import ExperiencePool  # noqa: E402
-from swarm.shards import _h64, epoch_of, epochs_to_cover, home_shard, subscribed_shards  # noqa: E402
+from swarm.shards import _h64, epoch_of, epochs_to_cover, hello_every, home_shard, subscribed_shards  # noqa: E402
 from swarm.validator import MessageValidator, RateLimit  # noqa: E402
 
 D, D_HIGH = 6, 12  # swarm/host.py build_router
@@ -298,7 +299,9 @@ def simulate(n: int, shards: int, fanin: int, args: argparse.Namespace, seed: in
     for u, h in enumerate(home):
         by_home[h].append(u)
     epochs = 1 if shards == 1 else args.epochs
-    per_round = args.round_s / HELLO_INTERVAL_S  # Hellos per node per round on a node's Hello topic(s)
+    # Hellos per node per round on its home topic: swarm.shards.hello_every of its home shard's size (a node spaces them
+    # by the peers it knows there; here, all of them)
+    per_round = [args.round_s / hello_every(HELLO_INTERVAL_S, len(by_home[s])) for s in range(shards)]
     acc: dict[str, list[float]] = {k: [0.0] * n for k in ("kb", "kb_new", "msgs", "batches", "dups", "ihave", "cpu")}
     reach: list[tuple[float, int]] = []  # (delivery, subscribers) per topic and epoch
     pool_in = taken = 0
@@ -326,10 +329,10 @@ def simulate(n: int, shards: int, fanin: int, args: argparse.Namespace, seed: in
                 reach_ms, reach_ms_old, book_len = time_reach(books.of(0, [h[0] for h in subs_hist], by_home, rng), shards, fanin)
         topics = []  # (load, messages per publisher per round: batches, hellos)
         for s in range(shards):
-            topics.append((topic_load(members[s], by_home[s], adj, rng, args.max_sources), 1.0, per_round))
-        if shards > 1:  # the lobby: everyone listens, everyone sends a Hello every 10 x S s
+            topics.append((topic_load(members[s], by_home[s], adj, rng, args.max_sources), 1.0, per_round[s]))
+        if shards > 1:  # the lobby: everyone listens, and sends its lobby Hello S times less often than its shard Hello
             topics.append((topic_load(list(range(n)), list(range(n)), adj, rng, args.max_sources), 0.0,
-                           per_round / shards))
+                           sum(per_round[home[u]] for u in range(n)) / n / shards))
         msg_b = args.batch_kb * 1024
         for load, batches, hellos in topics:
             reach.append((load.reach, len(load.first)))

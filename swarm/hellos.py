@@ -18,23 +18,11 @@ from protocol.identity import Identity
 from protocol.messages import MAX_ADDR_CHARS, MAX_ADDRS, PROTOCOL_VERSION, Hello
 
 from .mesh_records import MeshConfig, MeshCounters
+from .shards import hello_every
 
 log = logging.getLogger("swarm.mesh")
 
-# A topic carries about this many Hellos per hello_interval_s, however many nodes are on it. Every Hello is forwarded
-# over every mesh link of its topic, so with a fixed interval each node's Hello traffic grew with the nodes on its
-# shards; it was most of an idle node's CPU (12 relays: ~25 RPCs/s each, docs/scale.md "What an idle node spends").
-# 2, not 5 (session 9): at 5 a node on 3 topics (home, one fan-in shard, lobby) took 1.5 Hellos/s once its shards had
-# 5 members, 29 a round at 32 processes (10.9 of 49 KB inbound), against 0.6/s with 2 members a shard at 8 processes;
-# with 2 the rate is that of 8 processes at any size, and a shard still hears a Hello every 5 s.
-HELLOS_PER_INTERVAL = 2
 FRESH_GAP = 0.5  # an early Hello for a new peer comes at least this fraction of an interval after the previous one
-
-
-def hello_every(base_s: float, members: int) -> float:
-    """Seconds between one node's Hellos on a topic of `members` nodes (itself included): `base_s` up to
-    HELLOS_PER_INTERVAL members, then proportionally longer, so the topic's Hello rate stays flat."""
-    return base_s * max(1.0, members / HELLOS_PER_INTERVAL)
 
 
 class HelloMixin:

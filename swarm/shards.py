@@ -10,6 +10,9 @@ per cycle of ceil((S - 1) / (fanin - 1)) epochs: over time a node still hears fr
 Everything is a function of (peer ID, S, fanin, epoch): no coordination, no extra wire fields. S is swarm-wide: it is
 part of every topic name when S > 1, so nodes that disagree on S simply do not share rollouts (instead of half-sharing).
 S = 1 keeps the single topic name the swarm has always used, so existing swarms are unaffected.
+
+Also here: how often a node sends its Hello on a topic (`hello_every`), so that a topic's Hello rate is flat at any
+size; swarm.hellos sends them, scripts/scale_sim.py models them with the same function.
 """
 from __future__ import annotations
 
@@ -17,6 +20,20 @@ import hashlib
 import math
 
 MAX_SHARDS = 1024  # one topic validator per shard is registered up front; far beyond any swarm we can run
+
+# A topic carries about this many Hellos per hello_interval_s, however many nodes are on it. Every Hello is forwarded
+# over every mesh link of its topic, so with a fixed interval each node's Hello traffic grew with the nodes on its
+# shards; it was most of an idle node's CPU (12 relays: ~25 RPCs/s each, docs/scale.md "What an idle node spends").
+# 2, not 5 (session 9): at 5 a node on 3 topics (home, one fan-in shard, lobby) took 1.5 Hellos/s once its shards had
+# 5 members, 29 a round at 32 processes (10.9 of 49 KB inbound), against 0.6/s with 2 members a shard at 8 processes;
+# with 2 the rate is that of 8 processes at any size, and a shard still hears a Hello every 5 s.
+HELLOS_PER_INTERVAL = 2
+
+
+def hello_every(base_s: float, members: int) -> float:
+    """Seconds between one node's Hellos on a topic of `members` nodes (itself included): `base_s` up to
+    HELLOS_PER_INTERVAL members, then proportionally longer, so the topic's Hello rate stays flat."""
+    return base_s * max(1.0, members / HELLOS_PER_INTERVAL)
 
 
 def base_topic(swarm: str, version: int) -> str:

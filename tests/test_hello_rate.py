@@ -2,7 +2,7 @@
 from types import SimpleNamespace
 
 from protocol.identity import Identity
-from swarm.hellos import HELLOS_PER_INTERVAL, hello_every
+from swarm.shards import HELLOS_PER_INTERVAL, hello_every
 from swarm.mesh import Mesh, MeshConfig
 from swarm.peerbook import KnownPeer, PeerBook
 from swarm.shards import home_shard
