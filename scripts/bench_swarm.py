@@ -150,6 +150,8 @@ def _slim_status(s: dict | None) -> dict | None:
         "pool_duplicates": (s.get("pool") or {}).get("duplicates", 0),
         "dropped_publishes": (s.get("throughput") or {}).get("dropped_publishes", 0),
         "shards": m.get("shards"),  # {"count", "home", "epoch", "listening"} (swarm.shards)
+        # discovery's dial counters: what a node that stays alone was doing (docs/scale.md)
+        "dials": {**(m.get("dials") or {}), "ok": m.get("dials_ok", 0), "failed": m.get("dials_failed", 0)},
     }
 
 

@@ -65,6 +65,8 @@ __all__ = ["AddressPolicy", "Discovery", "KnownPeer", "address_class", "dialable
 log = logging.getLogger(__name__)
 
 MAX_ADDRS_PER_PEER = 4  # a node on 0.0.0.0 advertises its interfaces + 127.0.0.1: a few, after filtering
+BOOTSTRAP_DIAL_MAX_S = 30.0  # a bootstrap dial's timeout doubles from dial_timeout_s after each failure, up to this
+BOOTSTRAP_WARN_EVERY = 10  # a node still alone says why after this many failed dials to one bootstrap peer
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")  # shared address space: private use, not in 3.11's is_private
 _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
 
@@ -216,11 +218,14 @@ class Discovery:
     def n_connected(self) -> int:
         return len(self.host.get_connected_peers())
 
-    async def dial(self, peer: str, addrs: Sequence[str], *, trusted: bool = False) -> bool:
+    async def dial(self, peer: str, addrs: Sequence[str], *, trusted: bool = False,
+                   timeout_s: float | None = None) -> bool:
         """Try each address in turn (loopback last); True once connected.
 
         Untrusted addresses (anything a peer advertised) go through the address policy and the dial limits (module
-        doc); `trusted` ones (the user's --bootstrap) are dialed as given."""
+        doc); `trusted` ones (the user's --bootstrap) are dialed as given. `timeout_s` per address: dial_timeout_s
+        unless given."""
+        timeout_s = self.dial_timeout_s if timeout_s is None else timeout_s
         if peer == self.me or self.is_banned(peer):
             return False
         if self.connected(peer):
@@ -238,7 +243,7 @@ class Discovery:
             tried = True
             self.dial_attempts += 1
             try:
-                with trio.fail_after(self.dial_timeout_s):
+                with trio.fail_after(timeout_s):
                     await network.dial_addr(multiaddr.Multiaddr(addr), pid)
                 self.host.get_peerstore().add_addrs(pid, [multiaddr.Multiaddr(addr)], 3600)
                 self._addr_tried.pop(addr, None)  # the right peer answered there: a later redial need not wait
@@ -247,8 +252,8 @@ class Discovery:
                 return True
             except trio.TooSlowError:
                 self.dial_timeouts += 1
-                self._last_error[peer] = f"no answer within {self.dial_timeout_s:.0f} s"
-                log.debug("dial %s at %s timed out after %.1f s", peer, addr, self.dial_timeout_s)
+                self._last_error[peer] = f"no answer within {timeout_s:.0f} s"
+                log.debug("dial %s at %s timed out after %.1f s", peer, addr, timeout_s)
             except Exception as e:
                 self._last_error[peer] = _reason(e)
                 if len(self._last_error) > 4 * self.max_peers:
@@ -346,13 +351,19 @@ class Discovery:
             return
         delay = self.backoff_initial_s
         ever = False
+        failures = 0
         while True:
             if self.connected(peer) or self.is_banned(peer):
                 delay = self.backoff_initial_s
+                failures = 0
                 first_done.set()
                 await trio.sleep(self.backoff_max_s / 6)  # cheap liveness poll; reconnect if the link drops
                 continue
-            ok = await self.dial(peer, [base], trusted=True)
+            # each failed attempt gives the next one twice the time, up to BOOTSTRAP_DIAL_MAX_S: on a loaded machine
+            # (64 processes on 2 cores) a whole dial took more than 5 s, and a trainer whose first bootstrap dials
+            # timed out stayed alone for its whole run (docs/scale.md, session 9)
+            timeout_s = min(self.dial_timeout_s * 2 ** failures, max(self.dial_timeout_s, BOOTSTRAP_DIAL_MAX_S))
+            ok = await self.dial(peer, [base], trusted=True, timeout_s=timeout_s)
             if ok:
                 answered[0] = True
                 if not ever:
@@ -360,7 +371,12 @@ class Discovery:
                     self.bootstrap_connected += 1
                 log.info("connected to bootstrap peer %s", addr)
                 delay = self.backoff_initial_s
+                failures = 0
             else:
+                failures += 1
+                if failures % BOOTSTRAP_WARN_EVERY == 0 and self.n_connected() == 0:  # alone: say why, now and then
+                    log.warning("still alone: bootstrap %s failed %d times in a row (last: %s); retrying",
+                                addr, failures, self._last_error.get(peer, "?"))
                 log.debug("bootstrap %s did not answer; retrying in %.1f s", addr, delay)
             first_done.set()
             if not ok:

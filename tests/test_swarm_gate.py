@@ -318,3 +318,39 @@ async def test_an_unreachable_bootstrap_is_reported_once_in_the_nodes_words(capl
     assert "no bootstrap peer answered" in ours[0] and "Connection refused" in ours[0]
     assert "retrying each one after 0.5 s, doubling up to every 1 s" in ours[0], ours[0]
     assert not [r for r in libp2p_records if "Failed to open TCP stream" in r.getMessage()]
+
+
+async def test_a_bootstrap_dial_that_timed_out_gets_twice_the_time_next() -> None:
+    """64 processes on 2 cores: a trainer whose first bootstrap dials took more than the 5 s dial timeout stayed alone
+    for its whole run, every later attempt cut off at 5 s too. A bootstrap peer that does not answer in time now gets
+    twice as long at each attempt, up to BOOTSTRAP_DIAL_MAX_S. Measured at a listener that accepts and never answers:
+    how long each attempt held the connection before giving up."""
+    import multiaddr
+
+    from swarm.discovery import Discovery
+    from swarm.host import build_host
+
+    held: list[float] = []
+
+    async def tarpit(stream: trio.SocketStream) -> None:
+        t0 = trio.current_time()
+        try:
+            while await stream.receive_some(4096):
+                pass
+        except trio.BrokenResourceError:
+            pass
+        held.append(trio.current_time() - t0)
+
+    async with trio.open_nursery() as n:
+        listeners = await n.start(functools.partial(trio.serve_tcp, tarpit, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        host = build_host(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"])
+        async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            boot = f"/ip4/127.0.0.1/tcp/{port}/p2p/{Identity.generate().peer_id}"
+            disc = Discovery(host, bootstrap=(boot,), dial_timeout_s=0.25, backoff_initial_s=0.05, backoff_max_s=0.1)
+            await n.start(disc.run)
+            with trio.fail_after(30):
+                while len(held) < 4:
+                    await trio.sleep(0.05)
+            n.cancel_scope.cancel()
+    assert [round(h / 0.25) for h in held[:4]] == [1, 2, 4, 8], held  # 0.25, 0.5, 1, 2 s
