@@ -27,10 +27,7 @@ an address only the attacker named). A Hello's addresses are the sender's claim,
 - every dial attempt takes a token from a global bucket (`dials_per_s`, burst `dials_burst`), and one target address
   (ip, port) is tried at most once per `addr_retry_s` (default: the redial interval), whichever peer ID claims it,
   unless the last attempt there reached the peer it was meant for;
-- a dial gives up after `dial_timeout_s` per address (tarpits that accept and never answer free the slot quickly),
-  or, on a machine where dials that succeed are slow, after PX_DIAL_FACTOR x the 90th percentile of the last
-  successful ones, at most PX_DIAL_MAX_S (`px_dial_timeout_s`; failures do not count, so tarpits cannot stretch it,
-  and a peer that answers slowly on purpose can stretch it 4x at most).
+- a dial gives up after `dial_timeout_s` per address (tarpits that accept and never answer free the slot quickly).
 Bootstrap addresses are the user's own choice: dialed as given, retried with backoff. py-libp2p's own auto-connector
 (it dials whatever the peerstore holds, and identify lets any connected peer put up to 1,000 addresses there) is
 stopped, and its dial_addr retries (3 more TCP connections per address, 0.1-0.4 s apart) are turned off: each
@@ -50,7 +47,7 @@ import logging
 import math
 import random
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import Callable, Iterable, Sequence
 
 import multiaddr
@@ -68,13 +65,8 @@ __all__ = ["AddressPolicy", "Discovery", "KnownPeer", "address_class", "dialable
 log = logging.getLogger(__name__)
 
 MAX_ADDRS_PER_PEER = 4  # a node on 0.0.0.0 advertises its interfaces + 127.0.0.1: a few, after filtering
-BOOTSTRAP_DIAL_MAX_S = 30.0  # a bootstrap dial's timeout doubles from px_dial_timeout_s after each failure, up to this
+BOOTSTRAP_DIAL_MAX_S = 30.0  # a bootstrap dial's timeout doubles from dial_timeout_s after each failure, up to this
 BOOTSTRAP_WARN_EVERY = 10  # a node still alone says why after this many failed dials to one bootstrap peer
-# 64 processes on 2 cores (load 60): 88-92 % of all dials timed out at 5 s, each cut off mid-handshake at a cost to
-# both ends (docs/scale.md, session 9); a dial timeout that follows how long this machine's successful dials take
-PX_DIAL_FACTOR = 4.0
-PX_DIAL_MAX_S = 20.0
-PX_DIAL_SAMPLES = 32  # successful dial durations kept
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")  # shared address space: private use, not in 3.11's is_private
 _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
 
@@ -203,7 +195,6 @@ class Discovery:
         single_attempt_dials(host)
         quiet_libp2p_dial_errors()
         self._last_error: dict[str, str] = {}  # peer -> why its last dial failed (for the one bootstrap warning)
-        self._dial_s: deque[float] = deque(maxlen=PX_DIAL_SAMPLES)  # successful dials' seconds
         if own_addrs is None:
             own_addrs = [str(a) for a in host.get_addrs()]
         self.policy = AddressPolicy(own_addrs)
@@ -227,23 +218,14 @@ class Discovery:
     def n_connected(self) -> int:
         return len(self.host.get_connected_peers())
 
-    def px_dial_timeout_s(self) -> float:
-        """The per-address dial timeout: dial_timeout_s, or PX_DIAL_FACTOR x the p90 of the last successful dials when
-        that is longer (a loaded machine), at most PX_DIAL_MAX_S (module doc)."""
-        if len(self._dial_s) < 4:
-            return self.dial_timeout_s
-        recent = sorted(self._dial_s)
-        p90 = recent[int(0.9 * (len(recent) - 1))]
-        return min(max(self.dial_timeout_s, PX_DIAL_MAX_S), max(self.dial_timeout_s, PX_DIAL_FACTOR * p90))
-
     async def dial(self, peer: str, addrs: Sequence[str], *, trusted: bool = False,
                    timeout_s: float | None = None) -> bool:
         """Try each address in turn (loopback last); True once connected.
 
         Untrusted addresses (anything a peer advertised) go through the address policy and the dial limits (module
-        doc); `trusted` ones (the user's --bootstrap) are dialed as given. `timeout_s` per address: px_dial_timeout_s()
+        doc); `trusted` ones (the user's --bootstrap) are dialed as given. `timeout_s` per address: dial_timeout_s
         unless given."""
-        timeout_s = self.px_dial_timeout_s() if timeout_s is None else timeout_s
+        timeout_s = self.dial_timeout_s if timeout_s is None else timeout_s
         if peer == self.me or self.is_banned(peer):
             return False
         if self.connected(peer):
@@ -260,11 +242,9 @@ class Discovery:
                 continue
             tried = True
             self.dial_attempts += 1
-            t0 = trio.current_time()
             try:
                 with trio.fail_after(timeout_s):
                     await network.dial_addr(multiaddr.Multiaddr(addr), pid)
-                self._dial_s.append(trio.current_time() - t0)
                 self.host.get_peerstore().add_addrs(pid, [multiaddr.Multiaddr(addr)], 3600)
                 self._addr_tried.pop(addr, None)  # the right peer answered there: a later redial need not wait
                 self.dials_ok += 1
@@ -382,8 +362,7 @@ class Discovery:
             # each failed attempt gives the next one twice the time, up to BOOTSTRAP_DIAL_MAX_S: on a loaded machine
             # (64 processes on 2 cores) a whole dial took more than 5 s, and a trainer whose first bootstrap dials
             # timed out stayed alone for its whole run (docs/scale.md, session 9)
-            base_s = self.px_dial_timeout_s()
-            timeout_s = min(base_s * 2 ** failures, max(base_s, BOOTSTRAP_DIAL_MAX_S))
+            timeout_s = min(self.dial_timeout_s * 2 ** failures, max(self.dial_timeout_s, BOOTSTRAP_DIAL_MAX_S))
             ok = await self.dial(peer, [base], trusted=True, timeout_s=timeout_s)
             if ok:
                 answered[0] = True

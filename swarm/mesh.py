@@ -266,9 +266,8 @@ class Mesh(PublishingMixin, HelloMixin, ShardSubscriptionsMixin, ReceivingMixin,
                 "known_per_shard": known_per_shard,  # home shard -> peers known there (swarm.peerbook)
                 "dials_ok": self._discovery.dials_ok if self._discovery else 0,
                 "dials_failed": self._discovery.dials_failed if self._discovery else 0,
-                "dials": {**{k: getattr(self._discovery, k, 0) for k in
-                             ("dial_attempts", "dial_timeouts", "addrs_refused", "dials_throttled")},
-                          "timeout_s": round(self._discovery.px_dial_timeout_s(), 2) if self._discovery else None},
+                "dials": {k: getattr(self._discovery, k, 0) for k in
+                          ("dial_attempts", "dial_timeouts", "addrs_refused", "dials_throttled")},
                 "unresponsive_dropped": self._liveness.dropped if self._liveness else 0,
                 "ping_ms": dict(self._liveness.rtt_ms) if self._liveness else {},
                 "ping_lagged_cycles": self._liveness.lagged_cycles if self._liveness else 0,
