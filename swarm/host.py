@@ -533,10 +533,6 @@ class StalledLinks:
         self._since: dict[ID, tuple[float, int]] = {}  # peer -> (first seen stalled, trio time; checks it was since)
         self._worked: set[ID] = set()  # connected peers whose link has been seen working
 
-    def worked(self, pid: ID) -> bool:
-        """Whether this peer's link has been seen working while connected (it then gets grace_s, not new_grace_s)."""
-        return pid in self._worked
-
     def check(self, host: IHost, pubsub: Pubsub, now: float, skip: Callable[[ID], bool] = lambda _: False) -> list[ID]:
         connected = set(host.get_connected_peers())
         for pid in [p for p in self._since if p not in connected]:
