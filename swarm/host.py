@@ -60,6 +60,8 @@ Every non-default here fixes a measured problem (see shared/notes/libp2p-0.8.md,
   pass before anyone asks for it. go-libp2p floods a node's own messages to every peer on the topic (FloodPublish, on
   by default); BoundedGossipSub does so for its own messages of at least FLOOD_PUBLISH_MIN_BYTES (batches; Hellos,
   which repeat, keep to the mesh). Forwarded messages still go to the mesh only.
+- a stream for every liveness ping: install_yamux_pings() lets swarm.liveness ping with yamux ping frames (one frame
+  each way, no stream; swarm/yamux_ping.py).
 """
 from __future__ import annotations
 
@@ -86,6 +88,8 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
 from protocol.identity import Identity
+
+from .yamux_ping import install_yamux_pings
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +164,7 @@ def build_host(identity: Identity, listen: Sequence[str], *, mdns: bool = False)
     """A TCP host speaking Noise only. No `bootstrap=` here: dialing before pubsub runs crashed 0.8.1 [8].
     mdns=True starts py-libp2p's zeroconf mDNS, which only fills the peerstore (Discovery dials from there)."""
     install_yamux_window_batching()
+    install_yamux_pings()
     kp = key_pair_for(identity)
     # 10 s negotiations timed out on a loaded machine and the links never came up (docs/scale.md, runs D and F)
     cc = ConnectionConfig(outbound_stream_protocol_negotiation_timeout=STREAM_NEGOTIATION_S,

@@ -6,13 +6,13 @@ counts in `peers` and `--min-peers`. Every `interval_s` we ping each connected p
 `/ipfs/ping/1.0.0` protocol (every py-libp2p host serves it), and after `max_misses` consecutive failed pings we
 close the connection. Discovery redials it later if it comes back.
 
-A peer that sent us a message or a gossip control RPC since the last cycle has shown it is alive, and is not pinged
-(`heard_at`): each ping opens a stream and negotiates its protocol, ~3.5 ms of CPU per peer and cycle on both ends,
-a third of an idle relay's CPU with 11 peers (docs/scale.md, "What an idle node spends"). In a swarm that gossips,
-that leaves the pings to the quiet links, which are the ones that need them. A peer that pings us is alive too
-(`hear_inbound_pings`): on a quiet link the end with the smaller peer ID pings and the other, which counts what it
-heard over 1.5 cycles, only answers (and pings again if those pings stop), so each quiet link costs one ping per
-cycle instead of two.
+On a yamux connection (every one between our nodes) a ping is a yamux ping frame, one each way (swarm.yamux_ping);
+the stream ping, which opens a stream and negotiates its protocol (~3.5 ms of CPU per peer and cycle on both ends),
+is kept for other muxers. A peer that sent us a message or a gossip control RPC since the last cycle has shown it is
+alive, and is not pinged (`heard_at`), which leaves the pings to the quiet links, the ones that need them. A peer
+that pings us is alive too (`hear_inbound_pings` for stream pings, `on_pinged` for yamux ones): on a quiet link the
+end with the smaller peer ID pings and the other, which counts what it heard over 1.5 cycles, only answers (and pings
+again if those pings stop), so each quiet link costs one ping per cycle instead of two.
 
 A starved machine (a laptop running 8 nodes on 2 cores) answers pings late; that must not tear the mesh down. So the
 defaults are lenient (3 misses of 15 s: a silent peer goes after ~45-75 s, not the kernel's ~15 min), and a cycle in
@@ -22,6 +22,7 @@ slow one, and a late answer says nothing about the peer.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from typing import Awaitable, Callable
 
@@ -30,6 +31,8 @@ from libp2p.abc import IHost, INetStream
 from libp2p.host.ping import ID as PING_ID
 from libp2p.host.ping import perform_ping_roundtrip
 from libp2p.peer.id import ID
+
+from .yamux_ping import is_yamux, on_pinged, yamux_ping
 
 log = logging.getLogger(__name__)
 JITTER = 0.1  # each cycle lasts interval_s x (1 +- JITTER)
@@ -65,6 +68,7 @@ class Liveness:
         self.pings_sent = 0
         self.pings_skipped = 0  # peers not pinged in a cycle because they had sent us something since the last one
         self._inflight: set[ID] = set()  # peers with a ping still running (possibly stuck)
+        self._pinged_us: dict[ID, float] = {}  # peer -> trio time it last pinged us over yamux
 
     async def run(self) -> None:
         # Pings run as background tasks and the cycle waits for them only until the timeout: on a dead link a ping can
@@ -79,6 +83,9 @@ class Liveness:
                 lagged = trio.current_time() - t0 - wait > self.max_lag_s
                 peers = list(self.host.get_connected_peers())
                 self.misses = {p: n for p, n in self.misses.items() if p in peers}
+                self._pinged_us = {p: t for p, t in self._pinged_us.items() if p in peers}
+                for pid in peers:
+                    self._hear_yamux_pings(pid)
                 names = {p.to_base58() for p in peers}
                 self.rtt_ms = {k: v for k, v in self.rtt_ms.items() if k in names}
                 results: dict[ID, float | None] = {}
@@ -89,11 +96,12 @@ class Liveness:
                     if pid in self._inflight:  # the previous ping never came back: another miss
                         continue
                     at = self.heard_at(pid) if self.heard_at is not None else None
+                    at = max(at or -math.inf, self._pinged_us.get(pid, -math.inf))
                     # it spoke during this cycle: alive, no ping needed. Of the two ends of a link, the one with the
                     # larger ID looks back half a cycle further, so the other's pings (one per cycle) always reach it
                     # in time and only one end pings a quiet link
                     since = t0 - (LOOK_BACK * self.interval_s if me > pid.to_bytes() else 0.0)
-                    if at is not None and at >= since:
+                    if at >= since:
                         heard.add(pid)
                         continue
                     self.pings_sent += 1
@@ -137,8 +145,24 @@ class Liveness:
             if self.on_dead is not None:
                 await self.on_dead(pid)
 
+    def _hear_yamux_pings(self, pid: ID) -> None:
+        def heard() -> None:
+            self._pinged_us[pid] = trio.current_time()
+
+        for conn in self.host.get_network().get_connections(pid):
+            if is_yamux(conn.muxed_conn):
+                on_pinged(conn.muxed_conn, heard)
+
     async def ping(self, pid: ID) -> float | None:
         """Round trip in ms, or None if the peer did not answer within timeout_s."""
+        muxed = [c.muxed_conn for c in self.host.get_network().get_connections(pid) if is_yamux(c.muxed_conn)]
+        if muxed:
+            try:
+                with trio.fail_after(self.timeout_s):
+                    return await yamux_ping(muxed[0])
+            except (Exception, trio.TooSlowError) as e:
+                log.debug("ping %s failed: %r", pid.to_base58(), e)
+                return None
         stream = None
         try:
             with trio.fail_after(self.timeout_s):

@@ -239,3 +239,29 @@ def resubscribe_rpc(topic: str) -> rpc_pb2.RPC:
     """Unsubscribe then subscribe again, in one tiny RPC."""
     return rpc_pb2.RPC(subscriptions=[rpc_pb2.RPC.SubOpts(subscribe=False, topicid=topic),
                                       rpc_pb2.RPC.SubOpts(subscribe=True, topicid=topic)])
+
+
+def stop_answering_pings(host: IHost) -> None:
+    """Make `host` a hung peer to the other end's liveness check: its connections stay up, but it answers no ping,
+    neither a ping stream (the handler never replies) nor a yamux ping frame (no pong is written), and sends none
+    (py-libp2p's RTT loop pings every 30 s, which would show it alive)."""
+    from libp2p.host.ping import ID as PING_ID
+
+    from swarm.yamux_ping import is_yamux
+
+    async def hang(stream: Any) -> None:
+        await trio.sleep_forever()
+
+    host.set_stream_handler(PING_ID, hang)
+    for conn in host.get_network().get_connections():
+        muxed = conn.muxed_conn
+        if not is_yamux(muxed):
+            continue
+        write = muxed._write_frame
+
+        async def no_pings(data: bytes, write: Any = write) -> None:
+            if len(data) == 12 and data[1] == 2:  # TYPE_PING
+                return
+            await write(data)
+
+        muxed._write_frame = no_pings

@@ -15,7 +15,7 @@ from libp2p.peer.id import ID
 
 from swarm.mesh import Mesh, MeshConfig, Received, topic_for
 from tests.doubles import (GarbageStreamPeer, PlaintextDialer, RawPublisher, bad_envelopes, bad_key_publish_frame,
-                           dummy_rollouts, make_batch)
+                           dummy_rollouts, make_batch, stop_answering_pings)
 
 SWARM = "t"
 LOOP = "/ip4/127.0.0.1/tcp/0"
@@ -278,24 +278,19 @@ async def test_a_stopped_mesh_stops_listening() -> None:
 
 
 async def test_liveness_drops_a_peer_that_stops_answering_pings() -> None:
-    from libp2p.host.ping import ID as PING_ID
-
     async with trio.open_nursery() as n:
         a = await start(n, ping_interval_s=0.3, ping_timeout_s=0.3, ping_max_misses=2)
         b = await start(n, a, ping_interval_s=0)
         await wait_until(lambda: a.peers() and b.peers())
         await trio.sleep(1.0)
-        assert a._liveness is not None and a._liveness.dropped == 0  # answers: kept
-        assert b.peer_id in a._liveness.rtt_ms
+        assert a._liveness is not None and a._liveness.dropped == 0  # answers (or pinged us, or sent Hellos): kept
+        assert b.peer_id in a._liveness.rtt_ms or a._liveness.pings_skipped > 0
 
-        async def hang(stream) -> None:  # a hung peer: the connection is up, nothing answers
-            await trio.sleep_forever()
-
-        async def silent() -> None:  # ... and nothing is sent: no Hellos (which would show it alive)
+        async def silent() -> None:  # a hung peer: nothing is sent, no Hellos (which would show it alive) ...
             pass
 
         b._publish_hello = silent
-        b._host.set_stream_handler(PING_ID, hang)
+        stop_answering_pings(b._host)  # ... and nothing answers, though the connection is up
         await wait_until(lambda: a._liveness.dropped >= 1, timeout=10)
         n.cancel_scope.cancel()
 
@@ -303,16 +298,11 @@ async def test_liveness_drops_a_peer_that_stops_answering_pings() -> None:
 async def test_liveness_does_not_ping_a_peer_that_keeps_talking() -> None:
     """A peer that sent us something during a ping cycle is alive and is not pinged (each ping costs a stream and a
     protocol negotiation); it is pinged, and dropped, only once it falls silent too."""
-    from libp2p.host.ping import ID as PING_ID
-
-    async def hang(stream) -> None:
-        await trio.sleep_forever()
-
     async with trio.open_nursery() as n:
         a = await start(n, ping_interval_s=2.5, ping_timeout_s=0.5, ping_max_misses=2)
         b = await start(n, a, ping_interval_s=0)
         await wait_until(lambda: a.peers() and b.peers())
-        b._host.set_stream_handler(PING_ID, hang)  # pings would now fail; b's Hellos (every 1 s) still arrive
+        stop_answering_pings(b._host)  # pings would now fail; b's Hellos (every 1 s) still arrive
         hellos = a.stats()["accepted_hellos"]
         await wait_until(lambda: a._liveness.pings_skipped >= 3, timeout=30)
         assert a.stats()["accepted_hellos"] >= hellos + 3
@@ -324,6 +314,38 @@ async def test_liveness_does_not_ping_a_peer_that_keeps_talking() -> None:
 
         b._publish_hello = silent
         await wait_until(lambda: a._liveness.dropped >= 1, timeout=30)
+        n.cancel_scope.cancel()
+
+
+async def test_liveness_pings_are_yamux_frames_not_streams() -> None:
+    """A liveness ping is a yamux ping frame each way: the far end opens no ping stream (a stream and two protocol
+    negotiations per ping were a third of an idle relay's CPU), and the connection's RTT estimate, which yamux's
+    window auto-tuning reads, stays the link's round trip."""
+    from libp2p.host.ping import ID as PING_ID
+
+    async with trio.open_nursery() as n:
+        a = await start(n, ping_interval_s=0.3, ping_timeout_s=1.0)
+        b = await start(n, a, ping_interval_s=0)
+        streams = []
+        answer = b._host.get_mux().handlers[PING_ID]
+
+        async def counting(stream) -> None:
+            streams.append(stream)
+            await answer(stream)
+
+        b._host.set_stream_handler(PING_ID, counting)
+        await wait_until(lambda: a.peers() and b.peers())
+
+        async def silent() -> None:  # no Hellos: a pings b every cycle
+            pass
+
+        b._publish_hello = silent
+        sent = a._liveness.pings_sent
+        await trio.sleep(3.0)
+        assert a._liveness.pings_sent >= sent + 5 and b.peer_id in a._liveness.rtt_ms
+        assert streams == []
+        (conn,) = a._host.get_network().get_connections(ID.from_base58(b.peer_id))
+        assert 0 < conn.muxed_conn.rtt() < 0.5  # without the send time set, the time since yamux's own last ping
         n.cancel_scope.cancel()
 
 
