@@ -2,9 +2,9 @@
 
 A TCP connection whose far end vanished (power cut, a cut link, a hung process) looks alive until the kernel gives
 up, which takes many minutes; until then gossipsub keeps it in its mesh and sends into it, and the peer still
-counts in `peers` and `--min-peers`. Every `interval_s` we ping each connected peer over the standard
-`/ipfs/ping/1.0.0` protocol (every py-libp2p host serves it), and after `max_misses` consecutive failed pings we
-close the connection. Discovery redials it later if it comes back.
+counts in `peers` and `--min-peers`. Every `interval_s` we ping each connected peer (a yamux ping frame, or the
+standard `/ipfs/ping/1.0.0` protocol on another muxer), and after `max_misses` consecutive failed pings we close the
+connection. Discovery redials it later if it comes back.
 
 On a yamux connection (every one between our nodes) a ping is a yamux ping frame, one each way (swarm.yamux_ping);
 the stream ping, which opens a stream and negotiates its protocol (~3.5 ms of CPU per peer and cycle on both ends),

@@ -10,8 +10,11 @@ min(k, capacity // shards) of them, however many Hellos the other shards send (o
 identities minted on it, cannot push the other shards out of the book), and with S = 1 this is the least-recently-
 heard list it always was.
 
-Capacity: `capacity_for(max_peers, shards)` = max(4 x max_peers, PER_SHARD x shards), at most MAX_KNOWN; PER_SHARD = 8
-is twice the 4 connected members per shard that `_reach_shards` aims for, so a few dead entries leave enough.
+Capacity: `capacity_for(max_peers, shards)` = max(MIN_KNOWN, 4 x max_peers, PER_SHARD x shards), at most MAX_KNOWN;
+PER_SHARD = 8 is twice the 4 connected members per shard that `_reach_shards` aims for, so a few dead entries leave
+enough. MIN_KNOWN = 128 because the book also counts the node's home-shard members, which space its Hellos
+(swarm.shards.hello_every): a relay with `--max-peers 8` in a 4-shard swarm of 64 had a book of 32, knew 8 of its 15
+shard-mates, and sent its Hellos twice as often as the topic's budget (docs/scale.md, session 10).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from typing import Iterator
 from .shards import home_shard
 
 PER_SHARD = 8
+MIN_KNOWN = 128  # entries are small (~400 bytes); what a node with 32 peers always had
 MAX_KNOWN = 8192  # ~1 MB of entries; 8 per shard up to 1,024 shards (swarm.shards.MAX_SHARDS)
 
 
@@ -36,7 +40,7 @@ class KnownPeer:
 
 def capacity_for(max_peers: int, shards: int) -> int:
     """How many peers a node with `max_peers` connections in an S-shard swarm remembers."""
-    return min(MAX_KNOWN, max(4 * max_peers, PER_SHARD * shards, 1))
+    return min(MAX_KNOWN, max(MIN_KNOWN, 4 * max_peers, PER_SHARD * shards))
 
 
 class PeerBook:

@@ -59,6 +59,8 @@ def install_yamux_pings() -> None:
         return
 
     def get_event(self: Any) -> _PongEvent:
+        if _RTT_EVENT not in self.__dict__:  # a connection made before the install kept its event as a plain attribute
+            self.__dict__[_RTT_EVENT] = self.__dict__.pop("_ping_event", None) or trio.Event()
         return _PongEvent(self)
 
     def set_event(self: Any, ev: trio.Event) -> None:
