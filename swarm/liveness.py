@@ -96,7 +96,7 @@ class Liveness:
                     if pid in self._inflight:  # the previous ping never came back: another miss
                         continue
                     at = self.heard_at(pid) if self.heard_at is not None else None
-                    at = max(at or -math.inf, self._pinged_us.get(pid, -math.inf))
+                    at = max(-math.inf if at is None else at, self._pinged_us.get(pid, -math.inf))
                     # it spoke during this cycle: alive, no ping needed. Of the two ends of a link, the one with the
                     # larger ID looks back half a cycle further, so the other's pings (one per cycle) always reach it
                     # in time and only one end pings a quiet link
@@ -156,16 +156,11 @@ class Liveness:
     async def ping(self, pid: ID) -> float | None:
         """Round trip in ms, or None if the peer did not answer within timeout_s."""
         muxed = [c.muxed_conn for c in self.host.get_network().get_connections(pid) if is_yamux(c.muxed_conn)]
-        if muxed:
-            try:
-                with trio.fail_after(self.timeout_s):
-                    return await yamux_ping(muxed[0])
-            except (Exception, trio.TooSlowError) as e:
-                log.debug("ping %s failed: %r", pid.to_base58(), e)
-                return None
         stream = None
         try:
             with trio.fail_after(self.timeout_s):
+                if muxed:
+                    return await yamux_ping(muxed[0])
                 start = trio.current_time()
                 stream = await self.host.new_stream(pid, [PING_ID])
                 await perform_ping_roundtrip(stream)

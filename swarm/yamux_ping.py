@@ -23,6 +23,7 @@ import trio
 _HOOK = "_swarm_on_pinged"  # Yamux instance attribute: called when we answer the far end's ping
 _WAITERS = "_swarm_pong_waiters"  # Yamux instance attribute: events of liveness pings waiting for a pong
 _RTT_EVENT = "_swarm_rtt_event"  # Yamux instance attribute: the RTT loop's own event
+_HEADER_SIZE, _TYPE_PING = 12, 0x2  # the yamux spec's header (version, type, flags, stream ID, length) and ping type
 
 
 def _yamux() -> Any:
@@ -45,11 +46,15 @@ class _PongEvent:
         for ev in d.pop(_WAITERS, ()):
             ev.set()
 
-    def is_set(self) -> bool:
-        return self.conn.__dict__[_RTT_EVENT].is_set()
-
     async def wait(self) -> None:
         await self.conn.__dict__[_RTT_EVENT].wait()
+
+
+def ping_flags(data: bytes) -> int | None:
+    """The flags of a yamux ping frame (SYN: a ping, ACK: a pong), or None for any other frame."""
+    if len(data) == _HEADER_SIZE and data[1] == _TYPE_PING:
+        return int.from_bytes(data[2:4], "big")
+    return None
 
 
 def install_yamux_pings() -> None:
@@ -70,7 +75,7 @@ def install_yamux_pings() -> None:
 
     async def write_frame_noting_pongs(self: Any, data: bytes) -> None:
         # the read loop answers a ping (TYPE_PING with ACK, stream 0) through here and nowhere else
-        if len(data) == y.HEADER_SIZE and data[1] == y.TYPE_PING and data[3] & y.FLAG_ACK:
+        if (ping_flags(data) or 0) & y.FLAG_ACK:
             hook = self.__dict__.get(_HOOK)
             if hook is not None:
                 hook()

@@ -247,7 +247,7 @@ def stop_answering_pings(host: IHost) -> None:
     (py-libp2p's RTT loop pings every 30 s, which would show it alive)."""
     from libp2p.host.ping import ID as PING_ID
 
-    from swarm.yamux_ping import is_yamux
+    from swarm.yamux_ping import is_yamux, ping_flags
 
     async def hang(stream: Any) -> None:
         await trio.sleep_forever()
@@ -260,7 +260,7 @@ def stop_answering_pings(host: IHost) -> None:
         write = muxed._write_frame
 
         async def no_pings(data: bytes, write: Any = write) -> None:
-            if len(data) == 12 and data[1] == 2:  # TYPE_PING
+            if ping_flags(data) is not None:
                 return
             await write(data)
 
